@@ -1,0 +1,1 @@
+"""Datasets: readers for standard formats and a generated toy task (``synthetic``)."""

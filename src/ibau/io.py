@@ -1,0 +1,143 @@
+"""Safe loading of model weights and atomic writing of outputs.
+
+Models come from people the user may not trust. PyTorch files are pickles, so they
+are only ever opened with ``torch.load(..., weights_only=True)``, which refuses any
+object that would need arbitrary code to rebuild; ``.safetensors`` files hold raw
+tensors only. Outputs are written to a temporary file in the target folder and
+renamed into place, so a crash never leaves a half-written file, and an existing
+file is only replaced when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["WeightsError", "load_state_dict", "load_weights", "save_weights", "atomic_write", "write_json"]
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "net", "model", "weights")
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used safely or does not fit the model."""
+
+
+def _unwrap(obj: Any) -> dict[str, Tensor]:
+    for _ in range(3):
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+            break
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        raise WeightsError("the file holds no state dict (a mapping of names to tensors, "
+                           f"possibly under one of the keys {', '.join(_WRAPPER_KEYS)})")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or a PyTorch file, on the CPU.
+
+    Accepts a bare state dict or one wrapped in ``{'net': ...}``, ``{'state_dict': ...}``
+    and similar, with or without DataParallel's ``module.`` prefix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return _unwrap(load_file(str(path), device="cpu"))
+        except WeightsError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types
+            raise WeightsError(f"cannot read {path} as safetensors: {exc}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeightsError(
+            f"refusing to load {path}: it needs arbitrary code to unpickle, which could run "
+            f"anything ({first}). Re-save it as a plain state dict or as .safetensors") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise WeightsError(f"cannot read {path} as a PyTorch weights file: {exc}") from None
+    return _unwrap(obj)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights into ``model`` with ``strict=True``; mismatches raise ``WeightsError``
+    listing the missing, unexpected and wrongly shaped keys. Rejects NaN/inf values."""
+    sd = load_state_dict(path)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(f"{path} has NaN or infinite values in: {', '.join(bad[:5])}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append("missing: " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+        if shapes:
+            parts.append("shape mismatch (file vs model): " + ", ".join(shapes[:8]))
+        raise WeightsError(f"{path} does not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, force: bool = False) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
+
+    Refuses to replace an existing ``path`` unless ``force``.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_weights(model_or_state: nn.Module | Mapping[str, Tensor], path: str | os.PathLike, *,
+                 force: bool = False, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a state dict as ``.safetensors`` atomically."""
+    from safetensors.torch import save_file
+
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=dict(metadata or {})), force=force)
+
+
+def write_json(obj: Any, path: str | os.PathLike, *, force: bool = True) -> Path:
+    """Write ``obj`` as indented JSON atomically (replaces by default: results files)."""
+    def _write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    return atomic_write(path, _write, force=force)
