@@ -1,78 +1,303 @@
-"""Command line: argument parsing only; every command calls the library.
+"""The ``ibau`` command: argument parsing only; every command calls the library.
 
-Commands register themselves in ``COMMANDS`` (name -> (help, add_arguments, run)).
+Commands register in ``COMMANDS`` with ``@command(name, help, add_arguments)``. I-BAU's
+settings become options generated from :class:`ibau.IBAU`'s signature, so defaults are
+written once. Every bad input ends with a one-line ``ibau: error: ...`` and exit code 2,
+and nothing is written before all inputs have been checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
+# IBAU settings exposed as options (the rest are set by the command itself).
+IBAU_OPTIONS = ("norm_bound", "batch_size", "outer_lr", "outer_optimizer", "inner_lr", "inner_reg",
+                "inner_optimizer", "fp_step", "hypergrad_iters", "hypergrad_solver", "perturb_fraction")
+
+
+class UsageError(Exception):
+    """A problem with the user's input; printed as one line, exit code 2."""
+
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    def deco(fn):
+    def deco(fn: Callable[[argparse.Namespace], int]):
         COMMANDS[name] = (help, add_arguments, fn)
         return fn
 
     return deco
 
 
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed of data, poisoning and I-BAU (default: 0)")
-    p.add_argument("--rounds", type=int, default=3, help="I-BAU rounds (default: 3)")
-    p.add_argument("--report", type=Path, help="write the results as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+# ----------------------------------------------------------------------------- helpers
+def _optional_float(text: str) -> float | None:
+    if text.lower() in ("none", "best-effort", "inf"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
-@command("demo", "poison a tiny model on generated data, then remove the backdoor with I-BAU (no download)",
-         _demo_args)
-def demo(args: argparse.Namespace) -> int:
-    from . import IBAU
-    from .data import synthetic
-    from .io import write_json
-    from .metrics import backdoor_metrics
-    from .utils import environment
+def _add_ibau_options(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    from .defenses.ibau import IBAU, OPTIMIZERS
+    from .hypergrad import SOLVERS
 
-    t0 = time.perf_counter()
-    model = synthetic.poisoned_model(args.seed)
-    x_eval, y_eval = synthetic.make_data(600, 10_000 + args.seed)
-    x_clean, y_clean = synthetic.make_data(800, 20_000 + args.seed)
+    g = p.add_argument_group("I-BAU settings (defaults: the paper's; see help(ibau.IBAU))")
+    params = inspect.signature(IBAU.__init__).parameters
+    choices = {"outer_optimizer": sorted(OPTIMIZERS), "inner_optimizer": sorted(OPTIMIZERS),
+               "hypergrad_solver": sorted(SOLVERS)}
+    for name in IBAU_OPTIONS:
+        if name in skip:
+            continue
+        default = params[name].default
+        kind = _optional_float if name == "norm_bound" else type(default)
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices.get(name),
+                       metavar=None if name in choices else name.upper(),
+                       help=f"(default: {default})")
 
-    def evaluate(m):
-        return backdoor_metrics(m, x_eval, y_eval, synthetic.trigger(), synthetic.TARGET)
 
-    defense = IBAU(rounds=args.rounds, batch_size=50, outer_lr=1e-2, seed=args.seed, progress=not args.quiet)
-    result = defense.fit(model, x_clean, y_clean, evaluate=evaluate)
-    before, after = result.history[0], result.history[-1]
-    print(f"poisoned model : clean accuracy {100 * before['acc']:.1f}%, attack success rate {100 * before['asr']:.1f}%")
-    print(f"after I-BAU    : clean accuracy {100 * after['acc']:.1f}%, attack success rate {100 * after['asr']:.1f}% "
-          f"({len(result.history) - 1} rounds, {result.seconds:.1f} s)")
-    if args.report:
-        write_json({"command": "demo", "config": defense.config(), "seed": args.seed, "history": result.history,
-                    "seconds_total": time.perf_counter() - t0, "environment": environment()}, args.report)
-        print(f"report: {args.report}")
+def _ibau_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in IBAU_OPTIONS if hasattr(args, k)}
+
+
+def _parse_normalize(text: str | None) -> tuple[list[float], list[float]] | None:
+    if text is None:
+        return None
+    try:
+        mean_s, std_s = text.split("/")
+        mean = [float(v) for v in mean_s.split(",")]
+        std = [float(v) for v in std_s.split(",")]
+    except ValueError:
+        raise UsageError(f"--normalize must look like MEAN,MEAN,MEAN/STD,STD,STD, got {text!r}") from None
+    if len(mean) != len(std) or any(s <= 0 for s in std):
+        raise UsageError("--normalize needs as many means as stds, and positive stds")
+    return mean, std
+
+
+def load_model_def(spec: str, num_classes: int | None):
+    """``path.py:factory`` -> the model ``factory()`` (or ``factory(num_classes=N)``) returns."""
+    import torch
+
+    path_s, sep, name = spec.rpartition(":")
+    if not sep or not path_s or not name:
+        raise UsageError(f"--model-def must be PATH.py:FACTORY, got {spec!r}")
+    path = Path(path_s)
+    if not path.is_file():
+        raise UsageError(f"model definition file not found: {path}")
+    mod_spec = importlib.util.spec_from_file_location(f"ibau_user_model_{abs(hash(path.resolve()))}", path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise UsageError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UsageError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        found = ", ".join(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise UsageError(f"{path} has no callable {name!r} (callables found: {found or 'none'})")
+    try:
+        model = factory(num_classes=num_classes) if num_classes is not None else factory()
+    except Exception as exc:
+        raise UsageError(f"{path}:{name}() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{path}:{name}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _build_model(args: argparse.Namespace, labels_max: int):
+    from . import models
+
+    if args.model_def:
+        return load_model_def(args.model_def, args.num_classes)
+    num_classes = args.num_classes if args.num_classes is not None else labels_max + 1
+    try:
+        return models.create(args.arch, num_classes=num_classes)
+    except KeyError as exc:
+        raise UsageError(exc.args[0] + " (or give your own with --model-def PATH.py:FACTORY)") from None
+
+
+def _output_dim(model, x) -> int:
+    import torch
+
+    from .metrics import model_device
+
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(x[:2].to(model_device(model)))
+            model.train(was)
+    except Exception as exc:
+        raise UsageError(f"the model cannot process the data's images of shape {tuple(x.shape[1:])}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if out.dim() != 2:
+        raise UsageError(f"the model returns shape {tuple(out.shape)}; expected logits of shape (N, classes)")
+    return int(out.shape[1])
+
+
+def _device(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but PyTorch sees no GPU here")
+    return dev
+
+
+def _check_new(path: Path | None, force: bool, what: str) -> None:
+    if path is not None and path.exists() and not force:
+        raise UsageError(f"{what} {path} exists; pass --force to overwrite it")
+
+
+# ----------------------------------------------------------------------------- unlearn
+def _unlearn_args(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    src = m.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arch", help="a model of the registry (ibau.models.available())")
+    src.add_argument("--model-def", metavar="PATH.py:FACTORY",
+                     help="your architecture: FACTORY() (or FACTORY(num_classes=N)) returns an nn.Module")
+    m.add_argument("--num-classes", type=int, help="classes of the model (default for --arch: from the data)")
+    m.add_argument("--weights", type=Path, required=True,
+                   help=".safetensors, or a PyTorch state dict file (opened with weights_only=True only)")
+    m.add_argument("--normalize", metavar="MEAN,MEAN,MEAN/STD,STD,STD",
+                   help="the model expects (x - mean) / std; the perturbation stays in [0, 1] pixel space")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", required=True, help="a .npz (x, y), a folder of class sub-folders, or cifar10 / gtsrb")
+    d.add_argument("--data-dir", type=Path, help="where the files of a named dataset are")
+    d.add_argument("--split", default="test", choices=("train", "test"), help="split of a named dataset (default: test)")
+    d.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction (or count, if >= 1) held out to measure accuracy and robustness (default: 0.1)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, required=True, help="sanitised weights (.safetensors)")
+    o.add_argument("--report", type=Path, required=True, help="JSON report")
+    o.add_argument("--report-dir", type=Path, help="also write a markdown report with plots here")
+    o.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    r = p.add_argument_group("run")
+    r.add_argument("--rounds", default="auto", help="I-BAU rounds, or 'auto' (default): until robust or no progress")
+    r.add_argument("--max-rounds", type=int, default=10, help="most rounds for --rounds auto (default: 10)")
+    r.add_argument("--threshold", type=float, default=0.2,
+                   help="--rounds auto stops below this universal-perturbation success rate (default: 0.2)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the split, I-BAU and the robustness search")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: a GPU if there is one)")
+    _add_ibau_options(p)
+
+
+@command("unlearn", "remove a backdoor from a model with I-BAU, using a small clean dataset", _unlearn_args)
+def unlearn_cmd(args: argparse.Namespace) -> int:
+    from .data import check_dataset, load_dataset
+    from .io import load_weights, save_weights, write_json
+    from .report import require_matplotlib, summary, write_report_dir
+    from .unlearn import unlearn
+
+    if args.out.suffix != ".safetensors":
+        raise UsageError(f"--out must end in .safetensors, got {args.out}")
+    for path, what in ((args.out, "output"), (args.report, "report"), (args.report_dir, "report folder")):
+        _check_new(path, args.force, what)
+    for path in (args.out, args.report):
+        if args.weights.exists() and path.exists() and path.resolve() == args.weights.resolve():
+            raise UsageError(f"{path} is the input weights file; the input is never overwritten")
+    if args.report_dir is not None:
+        require_matplotlib()
+    rounds: int | str = args.rounds
+    if rounds != "auto":
+        try:
+            rounds = int(rounds)
+            assert rounds >= 0
+        except (ValueError, AssertionError):
+            raise UsageError(f"--rounds must be 'auto' or a non-negative integer, got {args.rounds!r}") from None
+    holdout = int(args.holdout) if args.holdout >= 1 else args.holdout
+    normalize = _parse_normalize(args.normalize)
+    device = _device(args.device)
+
+    x, y = load_dataset(args.data, data_dir=args.data_dir, split=args.split)
+    model = _build_model(args, int(y.max()))
+    load_weights(model, args.weights)
+    model.to(device)
+    classes = _output_dim(model, x)
+    check_dataset(x, y, num_classes=classes, min_size=3)
+    n_hold = holdout if isinstance(holdout, int) else max(1, round(holdout * len(x)))
+    batch = getattr(args, "batch_size", 100)
+    if len(x) - n_hold < batch:
+        raise UsageError(f"the clean set has {len(x) - n_hold} images after holding out {n_hold}, fewer than one "
+                         f"batch ({batch}): give more data, or pass a smaller --batch-size / --holdout")
+
+    kwargs = _ibau_kwargs(args)
+    if normalize is not None:
+        kwargs["normalize"] = normalize
+    result = unlearn(model, x, y, holdout=holdout, rounds=rounds, max_rounds=args.max_rounds,
+                     threshold=args.threshold, seed=args.seed, progress=not args.quiet, **kwargs)
+    report = result.report
+    report["inputs"] = {"weights": str(args.weights), "data": str(args.data),
+                        "model": args.arch or args.model_def, "num_classes": classes}
+    if args.report_dir is not None:
+        write_report_dir(args.report_dir, report, {k: v.numpy() for k, v in result.artifacts.items()},
+                         force=args.force)
+    write_json(report, args.report, force=args.force)
+    save_weights(model, args.out, force=args.force, metadata={"producer": "ibau unlearn"})
+    print(summary(report))
+    print(f"sanitised weights: {args.out}\nreport: {args.report}"
+          + (f"\nmarkdown report: {args.report_dir / 'report.md'}" if args.report_dir else ""))
     return 0
 
 
+# ----------------------------------------------------------------------------- demo
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, poisoning, training and I-BAU (default: 0)")
+    p.add_argument("--out-dir", type=Path, default=Path("ibau-demo"),
+                   help="where the report and models go (default: ./ibau-demo)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+@command("demo", "poison a small model on scikit-learn's bundled digits, then remove the backdoor (no download)",
+         _demo_args)
+def demo_cmd(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out_dir, seed=args.seed, force=args.force, progress=not args.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="ibau", description="Implicit Backdoor Adversarial Unlearning (I-BAU).")
     parser.add_argument("--version", action="version", version=f"ibau {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .io import WeightsError
+
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    try:
+        return COMMANDS[args.command][2](args)
+    except (UsageError, DataError, WeightsError, FileExistsError, ImportError) as exc:
+        print(f"ibau: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ibau: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

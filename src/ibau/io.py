@@ -47,6 +47,36 @@ def _unwrap(obj: Any) -> dict[str, Tensor]:
     return sd
 
 
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset",
+                          "_codecs.encode", "numpy.")
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """Names of the callables a pickle (or a torch zip's data.pkl) would import, read
+    with ``pickletools`` -- which parses opcodes and executes nothing."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                data = zf.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+        return found
+    except Exception:  # not a parsable pickle: nothing is known to be called
+        return []
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a state dict from ``.safetensors`` or a PyTorch file, on the CPU.
 
@@ -68,10 +98,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise WeightsError(
-            f"refusing to load {path}: it needs arbitrary code to unpickle, which could run "
-            f"anything ({first}). Re-save it as a plain state dict or as .safetensors") from None
+        code = [g for g in _pickle_globals(path) if not g.startswith(_SAFE_GLOBAL_PREFIXES)]
+        if code:
+            raise WeightsError(
+                f"refusing to load {path}: unpickling it would call {', '.join(sorted(set(code))[:3])}, which "
+                "could run anything. Re-save it as a plain state dict or as .safetensors") from None
+        detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        raise WeightsError(f"cannot read {path} as a PyTorch weights file "
+                           f"({detail[0] if detail else 'corrupt pickle'})") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise WeightsError(f"cannot read {path} as a PyTorch weights file: {exc}") from None
     return _unwrap(obj)

@@ -1,7 +1,7 @@
 """Clean accuracy, attack success rate (ASR) and robust accuracy (RA).
 
 All take float images in [0, 1] (N, C, H, W), integer labels, and run the model in
-eval mode under ``torch.inference_mode`` in batches on the model's device.
+eval mode under ``torch.no_grad`` in batches on the model's device.
 
 ASR conventions (reference.md §2): the primary ASR counts only images whose true
 label differs from the target they would be sent to (BackdoorBench's convention);
@@ -29,7 +29,7 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def predict(model: nn.Module, x: Tensor, *, batch_size: int = 500,
             transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Predicted labels for ``x`` (optionally passed through ``transform`` per batch)."""

@@ -99,6 +99,9 @@ class IBAU(Defense):
         normalize: ``(mean, std)`` when the model expects normalised inputs; ``delta``
             then still lives in [0, 1] pixel space.
         seed: seeds every random choice of the method.
+        clip_images: clamp ``x + delta`` to [0, 1] wherever it is formed; ``None``
+            (default) clamps only in the best-effort setting (``norm_bound=None``).
+            The authors' CIFAR-10 notebook clamps everywhere; their script never does.
         fold_bn: compute through an eval-mode view with each BatchNorm folded into
             the convolution before it (:func:`ibau.models.fuse.fold_batchnorm`): the
             same gradients on the same parameters, about 1.6x faster outer steps on CPU.
@@ -131,6 +134,7 @@ class IBAU(Defense):
         perturb_fraction: float = 0.01,
         normalize: tuple[Sequence[float], Sequence[float]] | None = None,
         seed: int = 0,
+        clip_images: bool | None = None,
         fold_bn: bool = True,
         progress: bool = True,
     ):
@@ -159,13 +163,24 @@ class IBAU(Defense):
         self.perturb_fraction = perturb_fraction
         self.normalize = normalize
         self.seed = seed
+        self.clip_images = clip_images
         self.fold_bn = fold_bn
         self.progress = progress
 
     # ------------------------------------------------------------------ pieces
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model as I-BAU sees it: taking [0, 1] pixels (normalisation inside)."""
+        if self.normalize is None:
+            return model
+        return Normalized(model, *self.normalize).to(model_device(model))
+
+    @property
+    def _clip(self) -> bool:
+        return self.norm_bound is None if self.clip_images is None else self.clip_images
+
     def _perturb(self, x: Tensor, delta: Tensor) -> Tensor:
         out = x + delta
-        return out.clamp(0, 1) if self.norm_bound is None else out
+        return out.clamp(0, 1) if self._clip else out
 
     def inner_loss(self, net: nn.Module, x: Tensor, labels: Tensor, delta: Tensor) -> Tensor:
         """``-CE(f(x + delta), labels) + inner_reg * ||delta||^2`` (minimised over delta)."""
@@ -223,7 +238,7 @@ class IBAU(Defense):
 
         def outer_loss(inner: list[Tensor], _outer: list[Tensor]) -> Tensor:
             x_in = xb + sel * inner[0]
-            if self.norm_bound is None:
+            if self._clip:
                 x_in = x_in.clamp(0, 1)
             loss = F.cross_entropy(net(x_in), yb)
             loss_value[0] = float(loss.detach())
@@ -277,7 +292,7 @@ class IBAU(Defense):
         if not torch.is_floating_point(x):
             raise ValueError("x must be a float tensor in [0, 1]")
         device = model_device(model)
-        net = model if self.normalize is None else Normalized(model, *self.normalize).to(device)
+        net = self.wrap(model)
         was_training = model.training
         net.eval()
         # Parameters are taken from the model itself: the folded view shares them.

@@ -1,0 +1,106 @@
+"""A trigger-free measure of backdoor robustness (paper Section 3).
+
+The minimax formulation gives a quantitative measure that needs no knowledge of the
+trigger: how well the *strongest universal perturbation within the norm bound* fools
+the model. A backdoored model has one (its trigger, or something close), and it sends
+most images to one class; after a successful unlearning it should not.
+
+:func:`universal_attack` searches for that perturbation by projected, normalised
+gradient ascent on the clean images (the model's own predictions as labels, like
+I-BAU's inner maximisation), then measures on separate images how often it changes a
+correct prediction (``success_rate``) and how concentrated the perturbed predictions
+are on one class (``top_class`` / ``top_class_share``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .metrics import model_device, predict
+
+__all__ = ["UniversalAttackResult", "universal_attack", "find_universal_perturbation"]
+
+
+@dataclass
+class UniversalAttackResult:
+    success_rate: float  # correctly classified images whose prediction the perturbation changes
+    top_class: int  # most frequent prediction on perturbed images
+    top_class_share: float  # its share of all perturbed predictions
+    delta_norm: float
+    images: int  # images the rate was measured on
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_universal_perturbation(model: nn.Module, x: Tensor, *, norm_bound: float | None = 10.0,
+                                passes: int = 5, batch_size: int = 100, step: float | None = None,
+                                seed: int = 0, clip_images: bool = False) -> Tensor:
+    """Projected gradient ascent on ``mean CE(f(x + delta), f(x).argmax())`` over ``||delta|| <= norm_bound``.
+
+    Each step moves ``delta`` by ``step`` (default: a quarter of the bound, decaying
+    linearly to 0) along the normalised gradient; batches are visited in a seeded
+    random order for ``passes`` passes. With ``norm_bound=None`` the images are clipped
+    to [0, 1] and the step is 2.0.
+    """
+    if len(x) == 0:
+        raise ValueError("no images to search a perturbation on")
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    clip = clip_images or norm_bound is None
+    base_step = step if step is not None else (0.25 * norm_bound if norm_bound is not None else 2.0)
+    labels = predict(model, x, batch_size=batch_size)
+    delta = torch.zeros((1, *x.shape[1:]), device=device)
+    n_batches = (len(x) + batch_size - 1) // batch_size
+    total = passes * n_batches
+    k = 0
+    try:
+        for _ in range(passes):
+            for b in torch.randperm(n_batches, generator=g).tolist():
+                xb = x[b * batch_size:(b + 1) * batch_size].to(device, torch.float32)
+                yb = labels[b * batch_size:(b + 1) * batch_size].to(device)
+                d = delta.clone().requires_grad_(True)
+                inp = xb + d
+                if clip:
+                    inp = inp.clamp(0, 1)
+                (grad,) = torch.autograd.grad(F.cross_entropy(model(inp), yb), [d])
+                size = base_step * (1 - k / total)
+                delta = delta + size * grad / grad.norm().clamp_min(1e-12)
+                if norm_bound is not None:
+                    delta = delta * min(1.0, norm_bound / max(float(delta.norm()), 1e-12))
+                k += 1
+    finally:
+        model.train(was_training)
+    return delta.detach()
+
+
+def universal_attack(model: nn.Module, x_search: Tensor, x_eval: Tensor, y_eval: Tensor, *,
+                     norm_bound: float | None = 10.0, passes: int = 5, batch_size: int = 100,
+                     seed: int = 0) -> tuple[UniversalAttackResult, Tensor]:
+    """Search a universal perturbation on ``x_search``; measure it on ``(x_eval, y_eval)``.
+
+    Returns the measurements and the perturbation (1, C, H, W).
+    """
+    delta = find_universal_perturbation(model, x_search, norm_bound=norm_bound, passes=passes,
+                                        batch_size=batch_size, seed=seed)
+    y_eval = torch.as_tensor(y_eval).long()
+    clip = norm_bound is None
+    clean = predict(model, x_eval, batch_size=batch_size)
+
+    def add(xb: Tensor) -> Tensor:
+        out = xb + delta.to(xb.device)
+        return out.clamp(0, 1) if clip else out
+
+    pert = predict(model, x_eval, batch_size=batch_size, transform=add)
+    correct = clean == y_eval
+    success = float((pert[correct] != y_eval[correct]).float().mean()) if correct.any() else 0.0
+    counts = torch.bincount(pert)
+    top = int(counts.argmax())
+    return UniversalAttackResult(success_rate=success, top_class=top, top_class_share=float(counts[top]) / len(pert),
+                                 delta_norm=float(delta.norm()), images=int(correct.sum())), delta.cpu()
