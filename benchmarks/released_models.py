@@ -164,7 +164,8 @@ def report(data: dict) -> str:
              "convention (all test images). CIFAR-10: clean set = 5,000 seeded lossy test images, metrics",
              "on the 1,000 lossless ones. GTSRB: 5,000 seeded test images clean, metrics on the other 7,630.",
              "A run stops after the first round with ASR < 20% (\"rounds\"); at most "
-             f"{data.get('config', {}).get('max_rounds', 5)} rounds.", "",
+             f"{data.get('config', {}).get('max_rounds', 5)} rounds. `s/round` is wall time on a 2-core machine that "
+             "was shared with other work during these runs; the speed section below was measured alone.", "",
              "| model | seed | ACC before | ASR before | ACC after | ASR after | ASR* after | RA after | rounds | s/round | paper (ACC/ASR before -> after) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in data.get("runs", []):

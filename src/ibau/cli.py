@@ -255,6 +255,158 @@ def unlearn_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- poison / evaluate
+def _parse_options(items: list[str] | None) -> dict[str, Any]:
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--attack-option must be KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def _model_args(p: argparse.ArgumentParser, *, weights_required: bool) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arch", help="a model of the registry")
+    src.add_argument("--model-def", metavar="PATH.py:FACTORY", help="your architecture")
+    p.add_argument("--num-classes", type=int, help="classes of the model (default for --arch: from the data)")
+    if weights_required:
+        p.add_argument("--weights", type=Path, required=True, help=".safetensors or a PyTorch state dict file")
+
+
+def _poison_args(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    defaults = TrainConfig()
+    _model_args(p, weights_required=False)
+    p.add_argument("--data", required=True, help="training data: .npz, image folder, or cifar10 / gtsrb")
+    p.add_argument("--data-dir", type=Path, help="where the files of a named dataset are")
+    p.add_argument("--split", default="train", choices=("train", "test"), help="(default: train)")
+    p.add_argument("--subset", type=int, help="train on a seeded random subset of this many images")
+    p.add_argument("--eval-data", help="data to measure ACC/ASR on (default: the test split of a named dataset)")
+    p.add_argument("--attack", required=True, help="an attack of the registry (ibau.attacks.ATTACKS)")
+    p.add_argument("--target", type=int, help="target class (default: the attack's paper setting)")
+    p.add_argument("--attack-option", action="append", metavar="KEY=VALUE", help="other attack settings")
+    p.add_argument("--ratio", type=float, default=0.2, help="poisoned share of the training set (default: 0.2)")
+    p.add_argument("--trigger-weights", type=Path,
+                   help="for triggers generated against a model: that model's weights (default: train a clean "
+                        "model with the same recipe for --trigger-epochs)")
+    p.add_argument("--trigger-epochs", type=int, default=10, help="(default: 10)")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help=f"(default: {defaults.epochs})")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"(default: {defaults.batch_size})")
+    p.add_argument("--lr", type=float, default=defaults.lr, help=f"(default: {defaults.lr})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="poisoned weights (.safetensors); the manifest goes beside it")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+@command("poison", "train a poisoned model: data + model + attack -> weights, attack manifest, ACC/ASR", _poison_args)
+def poison_cmd(args: argparse.Namespace) -> int:
+    from .attacks import create_attack
+    from .attacks.manifest import save_manifest
+    from .data import check_dataset, load_dataset
+    from .io import load_weights, save_weights, write_json
+    from .poisoning import default_checkpoint, poison_and_train, subset
+    from .train import TrainConfig, train
+
+    if args.out.suffix != ".safetensors":
+        raise UsageError(f"--out must end in .safetensors, got {args.out}")
+    manifest_path = args.out.with_name(args.out.stem + ".attack.json")
+    metrics_path = args.out.with_name(args.out.stem + ".metrics.json")
+    for path in (args.out, manifest_path, metrics_path):
+        _check_new(path, args.force, "output")
+    options = _parse_options(args.attack_option)
+    if args.target is not None:
+        options["target"] = args.target
+    from .attacks import ATTACKS
+
+    cls = ATTACKS.get(args.attack)
+    if cls is not None and "seed" in inspect.signature(cls.__init__).parameters:
+        options.setdefault("seed", args.seed)
+    try:
+        attack = create_attack(args.attack, **options)
+    except KeyError as exc:
+        raise UsageError(exc.args[0]) from None
+    except TypeError as exc:
+        raise UsageError(f"bad option for attack {args.attack!r}: {exc}") from None
+    x, y = load_dataset(args.data, data_dir=args.data_dir, split=args.split)
+    x, y = subset(x, y, args.subset, args.seed)
+    eval_spec = args.eval_data or (args.data if args.data in ("cifar10", "gtsrb") else None)
+    eval_data = load_dataset(eval_spec, data_dir=args.data_dir, split="test") if eval_spec else None
+    model = _build_model(args, int(y.max()))
+    check_dataset(x, y, num_classes=_output_dim(model, x))
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    if getattr(attack, "needs_model", False) or any(getattr(a, "needs_model", False)
+                                                    for a in getattr(attack, "attacks", [])):
+        ref = _build_model(args, int(y.max()))
+        if args.trigger_weights:
+            load_weights(ref, args.trigger_weights)
+        else:
+            train(ref, (x, y), TrainConfig(args.trigger_epochs, args.batch_size, args.lr, args.seed + 1),
+                  progress=not args.quiet, desc="clean model for the trigger")
+        attack.prepare(ref.eval(), x, y)
+    record = poison_and_train(model, x, y, attack, ratio=args.ratio, config=config, seed=args.seed,
+                              checkpoint=default_checkpoint(args.out), progress=not args.quiet, eval_data=eval_data)
+    save_weights(model, args.out, force=args.force, metadata={"producer": "ibau poison"})
+    save_manifest(attack, manifest_path, extra={"weights": args.out.name, "data": str(args.data),
+                                                "training": record}, force=args.force)
+    write_json(record, metrics_path)
+    m = record.get("metrics")
+    line = f"poisoned {record['poisoned']} of {record['training_size']} training images with {attack.name}"
+    if m:
+        line += f"; ACC {100 * m['acc']:.2f}%, ASR {100 * m['asr']:.2f}%"
+    print(line + f"\nweights: {args.out}\nmanifest: {manifest_path}")
+    return 0
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p, weights_required=True)
+    p.add_argument("--manifest", type=Path, required=True, help="the attack manifest written by ibau poison")
+    p.add_argument("--data", required=True, help="test data: .npz, image folder, or cifar10 / gtsrb")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--json", type=Path, help="write the metrics here (default: print them)")
+    p.add_argument("--device", default="auto")
+
+
+@command("evaluate", "clean accuracy, attack success rate and robust accuracy of a model under an attack",
+         _evaluate_args)
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    from .attacks.manifest import ManifestError, load_manifest
+    from .data import check_dataset, load_dataset
+    from .io import load_weights, write_json
+    from .poisoning import evaluate_attack
+
+    try:
+        attack, _ = load_manifest(args.manifest)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    x, y = load_dataset(args.data, data_dir=args.data_dir, split=args.split)
+    model = _build_model(args, int(y.max()))
+    load_weights(model, args.weights)
+    model.to(_device(args.device)).eval()
+    check_dataset(x, y, num_classes=_output_dim(model, x))
+    metrics = evaluate_attack(model, attack, x, y)
+    result = {"weights": str(args.weights), "manifest": str(args.manifest), "data": str(args.data),
+              "images": len(x), **metrics}
+    if args.json:
+        write_json(result, args.json)
+    else:
+        print(json.dumps(result, indent=2))
+    print(f"ACC {100 * metrics['acc']:.2f}%  ASR {100 * metrics['asr']:.2f}%"
+          + (f"  RA {100 * metrics['ra']:.2f}%" if "ra" in metrics else "") + f"  ({len(x)} images)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, poisoning, training and I-BAU (default: 0)")

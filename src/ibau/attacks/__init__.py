@@ -1,5 +1,22 @@
-"""Backdoor triggers and attacks. Images are float tensors in [0, 1], (C, H, W) or (N, C, H, W)."""
+"""Backdoor triggers and attacks. Images are float tensors in [0, 1], (C, H, W) or (N, C, H, W).
+
+Every attack class registers itself under its ``name``; ``create_attack(name, **kw)``
+builds one, ``ATTACKS`` lists them.
+"""
 
 from .trigger import Trigger, badnets_square
+from .base import ATTACKS, Attack, create_attack, register_attack
+from .badnets import BadNets
+from .blend import Blend, procedural_pattern
+from .invisible import L0Inv, L2Inv
+from .smooth import Smooth, gaussian_blur
+from .trojan import TrojanSquare, TrojanWatermark, square_mask, watermark_mask
+from .all_to_all import AllToAll
+from .multi import MultiTrigger
 
-__all__ = ["Trigger", "badnets_square"]
+__all__ = [
+    "Trigger", "badnets_square",
+    "Attack", "ATTACKS", "register_attack", "create_attack",
+    "BadNets", "Blend", "L0Inv", "L2Inv", "Smooth", "TrojanSquare", "TrojanWatermark", "AllToAll", "MultiTrigger",
+    "procedural_pattern", "gaussian_blur", "square_mask", "watermark_mask",
+]

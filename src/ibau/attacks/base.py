@@ -1,0 +1,82 @@
+"""The attack interface: a trigger function plus a label rule, with a registry.
+
+An :class:`Attack` turns clean images into triggered ones (``apply``) and says which
+label each triggered image should get (``target_of``). Attacks whose trigger is
+*generated* against a model (l0/l2-inv, Smooth, Trojan) do so in ``prepare`` and are
+deterministic per ``seed``. ``state_dict``/``load_state_dict`` carry the trigger
+tensors, so a saved manifest re-applies exactly the same trigger later.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Attack", "ATTACKS", "register_attack", "create_attack"]
+
+
+class Attack(abc.ABC):
+    """Base class. Subclasses set ``name`` and take their settings as keyword arguments."""
+
+    name: str = ""
+    #: whether ``prepare`` needs a model (trigger optimised against it)
+    needs_model: bool = False
+
+    def __init__(self, *, target: int = 0, seed: int = 0):
+        self.target = int(target)
+        self.seed = int(seed)
+
+    # -- the two things every attack defines --------------------------------------
+    @abc.abstractmethod
+    def apply(self, x: Tensor) -> Tensor:
+        """Triggered copies of ``x`` ((N, C, H, W) or (C, H, W), float in [0, 1])."""
+
+    def target_of(self, y: Tensor) -> Tensor:
+        """The label each triggered image is sent to (one-target attacks: ``target``)."""
+        return torch.full_like(torch.as_tensor(y).long(), self.target)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.apply(x)
+
+    # -- optional -----------------------------------------------------------------
+    def prepare(self, model: nn.Module | None = None, x: Tensor | None = None, y: Tensor | None = None) -> "Attack":
+        """Generate the trigger (no-op for fixed triggers). Returns ``self``."""
+        return self
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Trigger tensors (saved next to a poisoned model)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> "Attack":
+        return self
+
+    def config(self) -> dict[str, Any]:
+        """Settings as plain data."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    if not cls.name:
+        raise ValueError("an attack class needs a name")
+    if cls.name in ATTACKS:
+        raise ValueError(f"attack {cls.name!r} is already registered")
+    ATTACKS[cls.name] = cls
+    return cls
+
+
+def create_attack(name: str, **kwargs: Any) -> Attack:
+    try:
+        cls = ATTACKS[name]
+    except KeyError:
+        raise KeyError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}") from None
+    return cls(**kwargs)
+
+
+TriggerFn = Callable[[Tensor], Tensor]
