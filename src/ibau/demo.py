@@ -11,10 +11,8 @@ and the test set measures clean accuracy and attack success rate before and afte
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +45,15 @@ def digits_trigger():
 def run_demo(out_dir: str | os.PathLike = "ibau-demo", *, seed: int = 0, force: bool = False,
              progress: bool = True, epochs: int = 15, printer=print) -> dict[str, Any]:
     """Poison, measure, sanitise, measure; write models and reports into ``out_dir``."""
-    from .io import save_weights, write_json
+    from .io import atomic_directory, save_weights, write_json
     from .metrics import backdoor_metrics
     from .models import SmallVGG
-    from .report import render, summary
+    from .report import summary, write_report_files
     from .train import train_classifier
     from .unlearn import unlearn
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
+    if out_dir.exists() and not force:  # fail before the work, not after
         raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
     x, y = load_digits_tensors()
     g = torch.Generator().manual_seed(seed)
@@ -87,28 +85,16 @@ def run_demo(out_dir: str | os.PathLike = "ibau-demo", *, seed: int = 0, force: 
                       "training_epochs": epochs}
     printer(summary(report))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, force=force) as tmp:
         save_weights(poisoned_state, tmp / "poisoned.safetensors")
         save_weights(model, tmp / "sanitised.safetensors")
         write_json(report, tmp / "report.json")
+        (tmp / "report").mkdir()
         try:
-            import numpy as np
-
-            (tmp / "report").mkdir()
-            (tmp / "report" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-            np.savez(tmp / "report" / "artifacts.npz", **{k: v.numpy() for k, v in result.artifacts.items()})
-            render(tmp / "report")
+            write_report_files(tmp / "report", report, {k: v.numpy() for k, v in result.artifacts.items()})
         except ImportError as exc:  # matplotlib missing: the JSON report is still complete
             printer(f"(no plots: {exc})")
             shutil.rmtree(tmp / "report", ignore_errors=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     printer(f"wrote {out_dir}/ (poisoned.safetensors, sanitised.safetensors, report.json"
             + (", report/report.md)" if (out_dir / "report").exists() else ")"))
     return report

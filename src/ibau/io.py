@@ -10,18 +10,21 @@ file is only replaced when asked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WeightsError", "load_state_dict", "load_weights", "save_weights", "atomic_write", "write_json"]
+__all__ = ["WeightsError", "load_state_dict", "load_weights", "save_weights", "atomic_write", "atomic_directory",
+           "write_json"]
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "net", "model", "weights")
 
@@ -155,6 +158,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, force
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and move it onto ``path`` at the end.
+
+    Yields the temporary folder; on an exception it is removed and ``path`` is left as
+    it was. Refuses to replace an existing ``path`` unless ``force``.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_weights(model_or_state: nn.Module | Mapping[str, Tensor], path: str | os.PathLike, *,

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["summary", "write_report_dir", "render", "require_matplotlib"]
+__all__ = ["summary", "write_report_dir", "write_report_files", "render", "require_matplotlib"]
 
 
 def require_matplotlib() -> None:
@@ -52,30 +50,23 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_report_files(folder: Path, report: dict[str, Any], artifacts: dict[str, Any]) -> None:
+    """Write ``report.json`` and ``artifacts.npz`` into an existing ``folder`` and render them."""
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    np.savez(folder / "artifacts.npz", **{k: np.asarray(v) for k, v in artifacts.items()})
+    render(folder)
+
+
 def write_report_dir(folder: str | os.PathLike, report: dict[str, Any], artifacts: dict[str, Any], *,
                      force: bool = False) -> Path:
-    """Write ``report.json``, ``artifacts.npz`` and the rendered report into ``folder``.
+    """Write ``report.json``, ``artifacts.npz`` and the rendered report into ``folder``,
+    atomically (built in a temporary folder and moved into place at the end)."""
+    from .io import atomic_directory
 
-    Everything is built in a temporary folder next to it and moved into place at the
-    end, so a failure leaves no partial folder behind.
-    """
-    folder = Path(folder)
-    if folder.exists() and not force:
-        raise FileExistsError(f"{folder} exists; pass --force to replace it")
     require_matplotlib()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        np.savez(tmp / "artifacts.npz", **{k: np.asarray(v) for k, v in artifacts.items()})
-        render(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    with atomic_directory(folder, force=force) as tmp:
+        write_report_files(tmp, report, artifacts)
+    return Path(folder)
 
 
 def _show(img: np.ndarray) -> np.ndarray:

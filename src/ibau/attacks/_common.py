@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..metrics import model_device  # noqa: F401  (re-exported for the attack modules)
 from .base import Attack
 from .trigger import Trigger
 
@@ -29,14 +30,6 @@ def shape_of(x: Tensor) -> tuple[int, int, int]:
     if x.dim() not in (3, 4):
         raise ValueError(f"images must be (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
     return as_shape(x.shape[-3:])
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager
