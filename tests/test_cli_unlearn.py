@@ -104,9 +104,11 @@ def test_unlearn_through_arch_auto_rounds_and_report_dir(setup, tmp_path, capsys
     code = main(["unlearn", "--arch", "small_vgg", "--weights", str(tmp_path / "w.pth"),
                  "--data", str(tmp_path / "clean32.npz"), "--out", str(tmp_path / "o.safetensors"),
                  "--report", str(tmp_path / "r.json"), "--report-dir", str(tmp_path / "rep"), "--rounds", "auto",
-                 "--max-rounds", "2", "--batch-size", "50", "--quiet"])
+                 "--max-rounds", "2", "--batch-size", "50", "--robustness-bound", "3", "--quiet"])
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["robustness_bound"] == 3.0 and report["config"]["norm_bound"] == 10.0
+    assert report["robustness_before"]["delta_norm"] <= 3.0 + 1e-4
     assert 1 <= report["rounds"] <= 2 and report["stop_reason"]
     assert all("universal_success_rate" in h for h in report["history"])
     for f in ("report.md", "rounds.png", "perturbations.png", "samples.png", "report.json", "artifacts.npz"):

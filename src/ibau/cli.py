@@ -192,6 +192,8 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max-rounds", type=int, default=10, help="most rounds for --rounds auto (default: 10)")
     r.add_argument("--threshold", type=float, default=0.2,
                    help="--rounds auto stops below this universal-perturbation success rate (default: 0.2)")
+    r.add_argument("--robustness-bound", type=float,
+                   help="l2 bound of the universal-perturbation search (default: the I-BAU bound)")
     r.add_argument("--seed", type=int, default=0, help="seed of the split, I-BAU and the robustness search")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: a GPU if there is one)")
     _add_ibau_options(p)
@@ -240,7 +242,8 @@ def unlearn_cmd(args: argparse.Namespace) -> int:
     if normalize is not None:
         kwargs["normalize"] = normalize
     result = unlearn(model, x, y, holdout=holdout, rounds=rounds, max_rounds=args.max_rounds,
-                     threshold=args.threshold, seed=args.seed, progress=not args.quiet, **kwargs)
+                     threshold=args.threshold, seed=args.seed, progress=not args.quiet,
+                     robustness_bound=args.robustness_bound, **kwargs)
     report = result.report
     report["inputs"] = {"weights": str(args.weights), "data": str(args.data),
                         "model": args.arch or args.model_def, "num_classes": classes}

@@ -30,7 +30,7 @@ def _pct(v: float) -> str:
 
 
 def _bound(report: dict[str, Any]) -> str:
-    b = report["config"].get("norm_bound")
+    b = report["config"].get("robustness_bound", report["config"].get("norm_bound"))
     return "none (best effort)" if b is None else f"{b:.3g}"
 
 
