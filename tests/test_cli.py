@@ -18,6 +18,10 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert before["asr"] > 0.8 and before["acc"] > 0.9  # the backdoor is real
     assert after["asr"] < 0.2  # and I-BAU removes it
     assert after["acc"] > 0.85
+    assert 1 <= report["kept_round"] <= report["rounds"]
+    rates = [h["universal_success_rate"] for h in report["history"]]
+    assert rates[report["kept_round"] - 1] == min(rates)  # auto mode keeps the most robust round
+    assert (report["kept_round"] < report["rounds"]) == ("kept the weights" in report["stop_reason"])
     for name in ("poisoned.safetensors", "sanitised.safetensors"):
         SmallVGG(10, in_channels=1, image_size=8).load_state_dict(load_file(out / name), strict=True)
     assert (out / "report" / "report.md").is_file() and (out / "report" / "samples.png").is_file()
@@ -27,5 +31,5 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 
 def test_module_entry_point_and_version():
-    res = subprocess.run([sys.executable, "-m", "ibau", "--version"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "ibau", "--version"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.startswith("ibau ")

@@ -8,7 +8,8 @@ set and measured on the held-out images.
 
 With ``rounds="auto"`` it keeps running rounds until that success rate falls below
 ``threshold`` (the paper's 20% effectiveness line), stops improving, or
-``max_rounds`` is reached; the report says which.
+``max_rounds`` is reached; the report says which. When the last round made the model
+less robust than an earlier one, the weights of the most robust round are kept.
 """
 
 from __future__ import annotations
@@ -132,11 +133,16 @@ def unlearn(
     preds_before = {"clean": predict(net, sample_x), "perturbed": predict(net, sample_x + udelta_before)}
 
     best = [rob_before["success_rate"]]
+    # the best round so far (rounds >= 1 only: never roll back to the poisoned model)
+    kept: dict[str, Any] = {"rate": float("inf"), "state": None}
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         rec = {"holdout_accuracy": clean_accuracy(defense.wrap(m), x_hold, y_hold)}
         if rounds == "auto":
-            rec["universal_success_rate"] = robustness(defense.wrap(m))[0]["success_rate"]
+            rate = robustness(defense.wrap(m))[0]["success_rate"]
+            rec["universal_success_rate"] = rate
+            if rate < kept["rate"]:
+                kept.update(rate=rate, state={k: v.detach().clone() for k, v in m.state_dict().items()})
         return rec
 
     def stop_when(rec: dict) -> str | bool:
@@ -160,6 +166,13 @@ def unlearn(
         stop_reason = f"ran the requested {rounds} round(s)"
     else:
         stop_reason = result.stop_reason
+    kept_round = len(history)
+    if rounds == "auto" and history:
+        best_round = min(history, key=lambda h: h["universal_success_rate"])["round"]
+        if best_round != history[-1]["round"] and kept["state"] is not None:
+            model.load_state_dict(kept["state"])  # the last round made it worse: keep the best one
+            kept_round = best_round
+            stop_reason += f"; kept the weights of round {best_round}, the most robust"
     acc_after = clean_accuracy(net, x_hold, y_hold)
     rob_after, udelta_after = robustness(net)
     preds_after = {"clean": predict(net, sample_x), "perturbed_before_delta": predict(net, sample_x + udelta_before)}
@@ -179,6 +192,7 @@ def unlearn(
         "holdout_size": len(hold_idx),
         "clean_set_size": len(clean_idx),
         "rounds": len(history),
+        "kept_round": kept_round,
         "stop_reason": stop_reason,
         "seconds": time.perf_counter() - t_start,
         "seconds_unlearning": result.seconds,
