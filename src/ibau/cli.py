@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import inspect
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
