@@ -165,13 +165,7 @@ def _check_new(path: Path | None, force: bool, what: str) -> None:
 # ----------------------------------------------------------------------------- unlearn
 def _unlearn_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
-    src = m.add_mutually_exclusive_group(required=True)
-    src.add_argument("--arch", help="a model of the registry (ibau.models.available())")
-    src.add_argument("--model-def", metavar="PATH.py:FACTORY",
-                     help="your architecture: FACTORY() (or FACTORY(num_classes=N)) returns an nn.Module")
-    m.add_argument("--num-classes", type=int, help="classes of the model (default for --arch: from the data)")
-    m.add_argument("--weights", type=Path, required=True,
-                   help=".safetensors, or a PyTorch state dict file (opened with weights_only=True only)")
+    _model_args(m, weights_required=True)
     m.add_argument("--normalize", metavar="MEAN,MEAN,MEAN/STD,STD,STD",
                    help="the model expects (x - mean) / std; the perturbation stays in [0, 1] pixel space")
     d = p.add_argument_group("data")
@@ -273,13 +267,16 @@ def _parse_options(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _model_args(p: argparse.ArgumentParser, *, weights_required: bool) -> None:
+def _model_args(p, *, weights_required: bool) -> None:
+    """--arch | --model-def, --num-classes and (optionally) --weights, on a parser or group."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--arch", help="a model of the registry")
-    src.add_argument("--model-def", metavar="PATH.py:FACTORY", help="your architecture")
+    src.add_argument("--arch", help="a model of the registry (ibau.models.available())")
+    src.add_argument("--model-def", metavar="PATH.py:FACTORY",
+                     help="your architecture: FACTORY() (or FACTORY(num_classes=N)) returns an nn.Module")
     p.add_argument("--num-classes", type=int, help="classes of the model (default for --arch: from the data)")
     if weights_required:
-        p.add_argument("--weights", type=Path, required=True, help=".safetensors or a PyTorch state dict file")
+        p.add_argument("--weights", type=Path, required=True,
+                       help=".safetensors, or a PyTorch state dict file (opened with weights_only=True only)")
 
 
 def _poison_args(p: argparse.ArgumentParser) -> None:

@@ -237,10 +237,7 @@ class IBAU(Defense):
         loss_value = [0.0]
 
         def outer_loss(inner: list[Tensor], _outer: list[Tensor]) -> Tensor:
-            x_in = xb + sel * inner[0]
-            if self._clip:
-                x_in = x_in.clamp(0, 1)
-            loss = F.cross_entropy(net(x_in), yb)
+            loss = F.cross_entropy(net(self._perturb(xb, sel * inner[0])), yb)
             loss_value[0] = float(loss.detach())
             return loss
 
