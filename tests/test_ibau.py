@@ -118,7 +118,10 @@ def test_fit_keeps_bn_statistics_and_mode_and_records_history():
     assert res.stop_reason == "enough"
     for key in ("inner_loss", "outer_loss", "delta_norm", "seconds", "acc"):
         assert key in res.history[1]
-    assert res.seconds == pytest.approx(sum(h["seconds"] for h in res.history[1:]))
+    # elapsed: the defense's own time, cumulative; evaluation is not counted
+    assert res.seconds == res.history[-1]["elapsed"] >= sum(h["seconds"] for h in res.history[1:])
+    assert res.history[1]["elapsed"] < res.history[2]["elapsed"]
+    assert [h["point"] for h in res.history] == ["before", "round 1", "round 2"]
     assert all(p.grad is None for p in m.parameters())
 
 

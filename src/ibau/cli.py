@@ -251,15 +251,143 @@ def unlearn_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- defend
+def _defend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", help="a defense of the registry (see --list)")
+    p.add_argument("--list", action="store_true", help="list the defenses and their settings, then exit")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a setting of the method (repeatable), e.g. --param epochs=10")
+    m = p.add_argument_group("model")
+    _model_args(m, weights_required=False, required=False)
+    m.add_argument("--weights", type=Path,
+                   help=".safetensors or PyTorch state dict (weights_only=True); DP-SGD trains from scratch without")
+    m.add_argument("--normalize", metavar="MEAN,MEAN,MEAN/STD,STD,STD",
+                   help="the model expects (x - mean) / std (methods that synthesise in pixel space)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="the clean set (the training set for dp): .npz, image folder, or cifar10 / gtsrb")
+    d.add_argument("--data-dir", type=Path, help="where the files of a named dataset are")
+    d.add_argument("--split", default=None, choices=("train", "test"),
+                   help="split of a named dataset (default: test; train for dp)")
+    d.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction (or count, if >= 1) held out to measure accuracy (default: 0.1)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, help="repaired weights (.safetensors)")
+    o.add_argument("--report", type=Path, help="JSON report (tensors such as reversed triggers go to REPORT.npz)")
+    o.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: a GPU if there is one)")
+
+
+def _list_defenses() -> str:
+    from .defend import settings_of
+    from .defenses import DEFENSES
+
+    lines = []
+    for name, cls in DEFENSES.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        lines.append(f"{name}  ({'training set' if cls.data_role == 'training' else 'clean set'})  {doc}")
+        for key, default in settings_of(cls).items():
+            lines.append(f"    {key} = {default!r}")
+    return "\n".join(lines)
+
+
+@command("defend", "run any defense of the registry (I-BAU, Neural Cleanse, TABOR, DeepInspect, Fine-pruning, NAD, "
+         "DP-SGD) on a model", _defend_args)
+def defend_cmd(args: argparse.Namespace) -> int:
+    from .defend import defend, settings_of
+    from .defenses import DEFENSES
+    from .io import atomic_write, load_weights, save_weights, write_json
+
+    if args.list:
+        print(_list_defenses())
+        return 0
+    missing = [flag for flag, val in (("--method", args.method), ("--data", args.data), ("--out", args.out),
+                                      ("--report", args.report)) if val is None]
+    if args.arch is None and args.model_def is None:
+        missing.append("--arch or --model-def")
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)} (see ibau defend --help; --list shows the methods)")
+    cls = DEFENSES.get(args.method)
+    if cls is None:
+        raise UsageError(f"unknown defense {args.method!r}; known: {', '.join(sorted(DEFENSES))}")
+    if args.weights is None and cls.data_role != "training":
+        raise UsageError(f"--weights is required for {args.method} (it repairs a trained model)")
+    if args.out.suffix != ".safetensors":
+        raise UsageError(f"--out must end in .safetensors, got {args.out}")
+    artifacts_path = args.report.with_suffix(".npz")
+    for path, what in ((args.out, "output"), (args.report, "report"), (artifacts_path, "artifacts file")):
+        _check_new(path, args.force, what)
+        if args.weights is not None and args.weights.exists() and path.exists() \
+                and path.resolve() == args.weights.resolve():
+            raise UsageError(f"{path} is the input weights file; the input is never overwritten")
+    params = _parse_options(args.param, flag="--param")
+    known = settings_of(cls)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise UsageError(f"{args.method} has no setting {', '.join(unknown)}; its settings: {', '.join(known)}")
+    normalize = _parse_normalize(args.normalize)
+    if normalize is not None:
+        if "normalize" not in known:
+            raise UsageError(f"{args.method} does not take --normalize")
+        params["normalize"] = normalize
+    holdout = int(args.holdout) if args.holdout >= 1 else args.holdout
+    device = _device(args.device)
+    split = args.split or ("train" if cls.data_role == "training" else "test")
+
+    from .data import check_dataset, load_dataset
+
+    x, y = load_dataset(args.data, data_dir=args.data_dir, split=split)
+    model = _build_model(args, int(y.max()))
+    if args.weights is not None:
+        load_weights(model, args.weights)
+    model.to(device)
+    classes = _output_dim(model, x)
+    check_dataset(x, y, num_classes=classes, min_size=3)
+    try:
+        result = defend(model, x, y, args.method, holdout=holdout, seed=args.seed, progress=not args.quiet, **params)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{args.method}: {exc}") from None
+    report = result.report
+    report["inputs"] = {"weights": str(args.weights) if args.weights else None, "data": str(args.data),
+                        "model": args.arch or args.model_def, "num_classes": classes}
+    if result.artifacts:
+        import numpy as np
+
+        arrays = {k: v.numpy() for k, v in result.artifacts.items()}
+
+        def write_npz(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+
+        atomic_write(artifacts_path, write_npz, force=args.force)
+        report["artifacts"] = {"file": artifacts_path.name, "arrays": sorted(arrays)}
+    write_json(report, args.report, force=args.force)
+    save_weights(result.model, args.out, force=args.force,
+                 metadata={"producer": f"ibau defend --method {args.method}"})
+    acc0, acc1 = report["clean_accuracy_before"], report["clean_accuracy_after"]
+    print(f"{args.method}: held-out clean accuracy {100 * acc0:.2f}% -> {100 * acc1:.2f}% "
+          f"({report['holdout_size']} images), {report['seconds_defense']:.1f} s; {report['stop_reason']}")
+    scan = report["extras"].get("scan")
+    if scan:
+        idx = ", ".join(f"{c}:{a:.2f}" for c, a in enumerate(scan["anomaly_index"]))
+        print(f"anomaly index per class: {idx}; flagged: {scan['flagged'] or 'none'}")
+    for w in report["warnings"]:
+        print(f"warning: {w}")
+    print(f"weights: {args.out}\nreport: {args.report}" + (f"\nartifacts: {artifacts_path}" if result.artifacts else ""))
+    return 0
+
+
 # ----------------------------------------------------------------------------- poison / evaluate
-def _parse_options(items: list[str] | None) -> dict[str, Any]:
+def _parse_options(items: list[str] | None, flag: str = "--attack-option") -> dict[str, Any]:
     import ast
 
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UsageError(f"--attack-option must be KEY=VALUE, got {item!r}")
+            raise UsageError(f"{flag} must be KEY=VALUE, got {item!r}")
         try:
             out[key.replace("-", "_")] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -267,9 +395,9 @@ def _parse_options(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _model_args(p, *, weights_required: bool) -> None:
+def _model_args(p, *, weights_required: bool, required: bool = True) -> None:
     """--arch | --model-def, --num-classes and (optionally) --weights, on a parser or group."""
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--arch", help="a model of the registry (ibau.models.available())")
     src.add_argument("--model-def", metavar="PATH.py:FACTORY",
                      help="your architecture: FACTORY() (or FACTORY(num_classes=N)) returns an nn.Module")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -192,11 +193,23 @@ def save_weights(model_or_state: nn.Module | Mapping[str, Tensor], path: str | o
     return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=dict(metadata or {})), force=force)
 
 
+def _strict_json(obj: Any) -> Any:
+    """Non-finite floats (an epsilon of ``inf``, say) as the strings "inf", "-inf", "nan":
+    the files stay strict JSON that every reader accepts."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: str | os.PathLike, *, force: bool = True) -> Path:
-    """Write ``obj`` as indented JSON atomically (replaces by default: results files)."""
+    """Write ``obj`` as indented, strict JSON atomically (replaces by default: results files)."""
     def _write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
+            json.dump(_strict_json(obj), f, indent=2, sort_keys=False, allow_nan=False)
             f.write("\n")
 
     return atomic_write(path, _write, force=force)

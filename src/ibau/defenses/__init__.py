@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from .base import Defense, DefenseResult
+from .deepinspect import DeepInspect
+from .dp import DPSGD
+from .fine_pruning import FinePruning
 from .ibau import IBAU
+from .nad import NAD
+from .neural_cleanse import NeuralCleanse
+from .tabor import TABOR
 
-DEFENSES: dict[str, type[Defense]] = {"ibau": IBAU}
+DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (IBAU, NeuralCleanse, TABOR, DeepInspect, FinePruning, NAD, DPSGD)}
 
 
 def create(name: str, **kwargs) -> Defense:
@@ -16,4 +22,4 @@ def create(name: str, **kwargs) -> Defense:
     return cls(**kwargs)
 
 
-__all__ = ["Defense", "DefenseResult", "IBAU", "DEFENSES", "create"]
+__all__ = ["Defense", "DefenseResult", "IBAU", "NeuralCleanse", "TABOR", "DeepInspect", "DPSGD", "FinePruning", "NAD", "DEFENSES", "create"]

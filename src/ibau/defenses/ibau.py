@@ -15,7 +15,7 @@ from ..hypergrad import implicit_grad
 from ..metrics import model_device
 from ..models.fuse import fold_batchnorm
 from ..models.normalize import Normalized
-from .base import Defense, DefenseResult, Evaluate
+from .base import Defense, DefenseResult, Evaluate, StopWhen, Trace, check_images
 
 __all__ = ["IBAU", "perturbed_count"]
 
@@ -257,7 +257,7 @@ class IBAU(Defense):
         y: Tensor,
         *,
         evaluate: Evaluate | None = None,
-        stop_when: Callable[[dict[str, Any]], bool | str] | None = None,
+        stop_when: StopWhen | None = None,
     ) -> DefenseResult:
         """Unlearn the backdoor of ``model`` in place.
 
@@ -278,16 +278,7 @@ class IBAU(Defense):
         """
         from tqdm.auto import tqdm
 
-        x = torch.as_tensor(x)
-        y = torch.as_tensor(y).long()
-        if x.dim() != 4:
-            raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
-        if len(x) != len(y):
-            raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
-        if len(x) == 0:
-            raise ValueError("the clean set is empty")
-        if not torch.is_floating_point(x):
-            raise ValueError("x must be a float tensor in [0, 1]")
+        x, y = check_images(x, y)
         device = model_device(model)
         net = self.wrap(model)
         was_training = model.training
@@ -305,44 +296,35 @@ class IBAU(Defense):
         batches = [(x[i:i + self.batch_size].to(device, dtype), y[i:i + self.batch_size].to(device))
                    for i in range(0, len(x), self.batch_size)]
 
-        history: list[dict[str, Any]] = []
-        if evaluate is not None:
-            history.append({"round": 0, **evaluate(model)})
-        stop_reason = f"completed {self.rounds} rounds"
+        trace = Trace(evaluate, stop_when)
         delta = torch.zeros((1, *x.shape[1:]))
         try:
-            for r in range(1, self.rounds + 1):
-                t0 = time.perf_counter()
-                delta, record = self.synthesize(net, batches)
-                t_inner = time.perf_counter() - t0
-                outer_total = 0.0
-                steps = tqdm(batches, desc=f"I-BAU round {r}/{self.rounds}", leave=False,
-                             disable=not self.progress, unit="batch")
-                for batch in steps:
-                    grads, loss = self.hypergradient(net, params, delta, batch, batches[0], generator)
-                    for p, g in zip(params, self.all_reduce(grads)):
-                        p.grad = g
-                    outer_opt.step()
-                    outer_total += loss
-                    steps.set_postfix(loss=f"{loss:.3f}")
-                seconds = time.perf_counter() - t0
-                record = {"round": r, **record, "outer_loss": outer_total / len(batches),
-                          "seconds": seconds, "seconds_inner": t_inner, "seconds_outer": seconds - t_inner}
-                if not all(math.isfinite(float(p.detach().abs().sum())) for p in params):
-                    raise FloatingPointError(f"I-BAU diverged in round {r}: non-finite weights "
-                                             "(lower outer_lr or inner_lr)")
-                if evaluate is not None:
-                    record.update(evaluate(model))
-                history.append(record)
-                if stop_when is not None:
-                    verdict = stop_when(record)
-                    if verdict:
-                        stop_reason = verdict if isinstance(verdict, str) else f"stop_when after round {r}"
-                        break
+            with trace.run(model):
+                for r in range(1, self.rounds + 1):
+                    t0 = time.perf_counter()
+                    delta, record = self.synthesize(net, batches)
+                    t_inner = time.perf_counter() - t0
+                    outer_total = 0.0
+                    steps = tqdm(batches, desc=f"I-BAU round {r}/{self.rounds}", leave=False,
+                                 disable=not self.progress, unit="batch")
+                    for batch in steps:
+                        grads, loss = self.hypergradient(net, params, delta, batch, batches[0], generator)
+                        for p, g in zip(params, self.all_reduce(grads)):
+                            p.grad = g
+                        outer_opt.step()
+                        outer_total += loss
+                        steps.set_postfix(loss=f"{loss:.3f}")
+                    seconds = time.perf_counter() - t0
+                    if not all(math.isfinite(float(p.detach().abs().sum())) for p in params):
+                        raise FloatingPointError(f"I-BAU diverged in round {r}: non-finite weights "
+                                                 "(lower outer_lr or inner_lr)")
+                    trace.point(model, f"round {r}", round=r, **record, outer_loss=outer_total / len(batches),
+                                seconds=seconds, seconds_inner=t_inner, seconds_outer=seconds - t_inner)
         finally:
             for p in params:
                 p.grad = None
             model.train(was_training)
-        seconds = sum(h.get("seconds", 0.0) for h in history)
-        return DefenseResult(model=model, history=history, seconds=seconds,
-                             extras={"delta": delta.detach().cpu()}, stop_reason=stop_reason)
+        for rec in trace.history:
+            if rec["point"] == "before":
+                rec["round"] = 0
+        return trace.result(model, {"delta": delta.detach().cpu()}, default_reason=f"completed {self.rounds} rounds")

@@ -1,0 +1,130 @@
+"""Pieces the baseline defenses share: seeded augmentation, fine-tuning with points,
+and the trigger-unlearning step of the trigger-synthesis family (NC, TABOR, DI)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..metrics import model_device
+from .base import Trace
+
+__all__ = ["augment", "fine_tune", "stamp_fraction", "batches_of", "mad_anomaly_index"]
+
+
+def augment(x: Tensor, generator: torch.Generator, *, pad: int = 4, flip: bool = True) -> Tensor:
+    """The standard CIFAR augmentation, seeded: random crop after zero-padding by ``pad``
+    pixels, then a random horizontal flip (half of the images)."""
+    n, c, h, w = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (n, h)
+        cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (n, w)
+        idx_n = torch.arange(n, device=x.device)[:, None, None, None]
+        idx_c = torch.arange(c, device=x.device)[None, :, None, None]
+        x = padded[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
+    if flip:
+        f = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(f[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def batches_of(n: int, batch_size: int, generator: torch.Generator | None) -> list[Tensor]:
+    """Index batches over ``range(n)``: shuffled with ``generator``, in order without it."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def stamp_fraction(x: Tensor, stamps: Sequence[Callable[[Tensor], Tensor]], fraction: float,
+                   generator: torch.Generator) -> Tensor:
+    """Apply one of ``stamps`` (drawn per image) to a random ``fraction`` of the batch;
+    labels stay the true ones (Neural Cleanse's unlearning recipe)."""
+    if not stamps or fraction <= 0:
+        return x
+    n = len(x)
+    k = max(1, int(round(fraction * n)))
+    chosen = torch.randperm(n, generator=generator)[:k]
+    which = torch.randint(0, len(stamps), (k,), generator=generator)
+    x = x.clone()
+    for s, stamp in enumerate(stamps):
+        idx = chosen[which == s].to(x.device)
+        if len(idx):
+            x[idx] = stamp(x[idx])
+    return x
+
+
+def fine_tune(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float, batch_size: int,
+              generator: torch.Generator, trace: Trace | None = None, label: str = "fine-tune epoch",
+              optimizer: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9,
+              transform: Callable[[Tensor], Tensor] | None = None, use_augment: bool = False,
+              loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
+              params: Sequence[Tensor] | None = None, progress: bool = False) -> list[float]:
+    """Cross-entropy fine-tuning of ``model`` in train mode; one ``trace`` point per epoch.
+
+    ``transform(xb)`` (e.g. :func:`stamp_fraction`) and seeded :func:`augment` act on each
+    batch; ``loss_fn(model, xb, yb)`` replaces the cross-entropy when given.
+    Returns the mean loss per epoch.
+    """
+    device = model_device(model)
+    params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'sgd'")
+    # Dropout draws from torch's global generator: seed a forked copy of it from ``generator``
+    # so that a fit is reproducible and the caller's random state is left as it was.
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        return _fine_tune(model, x, y, opt, epochs, batch_size, generator, trace, label, transform, use_augment,
+                          loss_fn, progress, device)
+
+
+def _fine_tune(model, x, y, opt, epochs, batch_size, generator, trace, label, transform, use_augment, loss_fn,
+               progress, device) -> list[float]:
+    from tqdm.auto import tqdm
+
+    losses = []
+    for epoch in tqdm(range(1, epochs + 1), desc=label.rsplit(" ", 1)[0], disable=not progress, leave=False,
+                      unit="epoch"):
+        model.train()
+        total, count = 0.0, 0
+        for idx in batches_of(len(x), batch_size, generator):
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            if transform is not None:
+                xb = transform(xb)
+            if use_augment:
+                xb = augment(xb, generator)
+            loss = loss_fn(model, xb, yb) if loss_fn is not None else F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        model.eval()
+        losses.append(total / max(count, 1))
+        if trace is not None:
+            trace.point(model, f"{label} {epoch}", loss=losses[-1])
+    model.eval()
+    return losses
+
+
+def mad_anomaly_index(values: Tensor) -> Tensor:
+    """Neural Cleanse's anomaly index: ``|v - median| / (1.4826 * MAD)`` per class.
+
+    Classes far *below* the median (unusually small triggers / losses) are the suspects:
+    callers flag ``index > 2`` among values below the median.
+    """
+    v = torch.as_tensor(values, dtype=torch.float64)
+    med = v.quantile(0.5)
+    mad = (v - med).abs().quantile(0.5) * 1.4826
+    if mad == 0:
+        mad = torch.tensor(1e-12, dtype=torch.float64)
+    return (v - med).abs() / mad
