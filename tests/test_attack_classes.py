@@ -13,7 +13,7 @@ from torch import nn
 
 from ibau.attacks import (
     ATTACKS, AllToAll, Attack, BadNets, Blend, L0Inv, L2Inv, MultiTrigger, Smooth, TrojanSquare,
-    TrojanWatermark, create_attack, gaussian_blur, procedural_pattern, square_mask, watermark_mask,
+    TrojanWatermark, SemanticReplacement, WaNet, create_attack, gaussian_blur, procedural_pattern, square_mask, watermark_mask,
 )
 from ibau.data.synthetic import TinyNet, make_data, poisoned_model
 
@@ -80,8 +80,10 @@ FACTORIES = {
     "all_to_all": lambda seed: AllToAll(num_classes=4, image_shape=SHAPE),
     "multi": lambda seed: MultiTrigger([(L2Inv(target=3, norm=1.0, seed=seed, **GEN), 3),
                                         (BadNets(target=1, image_shape=SHAPE), 1)]),
+    "semantic": lambda seed: SemanticReplacement(seed=seed, image_shape=SHAPE),
+    "wanet": lambda seed: WaNet(seed=seed, image_shape=SHAPE),
 }
-SEEDED = {"blend", "l0_inv", "l2_inv", "smooth", "trojan_sq", "trojan_wm", "multi"}
+SEEDED = {"blend", "l0_inv", "l2_inv", "smooth", "trojan_sq", "trojan_wm", "multi", "semantic", "wanet"}
 
 
 def test_every_registered_attack_is_covered():

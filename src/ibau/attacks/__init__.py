@@ -13,10 +13,13 @@ from .smooth import Smooth, gaussian_blur
 from .trojan import TrojanSquare, TrojanWatermark, square_mask, watermark_mask
 from .all_to_all import AllToAll
 from .multi import MultiTrigger
+from .semantic import SemanticReplacement, cartoon_picture
+from .wanet import WaNet, WaNetSet
 
 __all__ = [
     "Trigger", "badnets_square",
     "Attack", "ATTACKS", "register_attack", "create_attack",
     "BadNets", "Blend", "L0Inv", "L2Inv", "Smooth", "TrojanSquare", "TrojanWatermark", "AllToAll", "MultiTrigger",
+    "SemanticReplacement", "WaNet", "WaNetSet", "cartoon_picture",
     "procedural_pattern", "gaussian_blur", "square_mask", "watermark_mask",
 ]

@@ -47,6 +47,22 @@ class Attack(abc.ABC):
         """Generate the trigger (no-op for fixed triggers). Returns ``self``."""
         return self
 
+    def poisoned_set(self, x: Tensor, y: Tensor, ratio: float, *, seed: int = 0):
+        """The training set the attacker releases: by default ``ratio`` of ``(x, y)``
+        triggered and relabelled (:func:`ibau.data.poison.poison`). Attacks with other
+        recipes (WaNet's noise-mode samples, clean-label poisons) override this; the
+        result is any set with ``__len__`` and ``batch(idx) -> (x, y)``."""
+        from ..data.poison import poison
+
+        return poison(x, y, self, ratio, seed=seed)
+
+    def train_poisoned(self, model: nn.Module, data, config, *, checkpoint=None, progress: bool = True) -> None:
+        """Train ``model`` on ``data`` (from :meth:`poisoned_set`). Attacks that train
+        something with the model (IAB's trigger generator) override this."""
+        from ..train import train
+
+        train(model, data, config, checkpoint=checkpoint, progress=progress, desc=f"training ({self.name})")
+
     def state_dict(self) -> dict[str, Tensor]:
         """Trigger tensors (saved next to a poisoned model)."""
         return {}
