@@ -52,8 +52,8 @@ from ibau.utils import environment  # noqa: E402
 
 RESULTS, CACHE = HERE / "results", HERE / "cache"
 PROFILES = {
-    "cpu": {"base_train_size": 10_000, "base_epochs": 12, "train_size": 5_000, "epochs": 4, "ibau_clean": 2_500,
-            "max_rounds": 5, "ht_rounds": 10, "ht": {"num_poisons": 400, "num_source": 500, "steps": 100}},
+    "cpu": {"base_train_size": 10_000, "base_epochs": 12, "train_size": 4_000, "epochs": 5, "ibau_clean": 1_000,
+            "max_rounds": 3, "ht_rounds": 5, "ht": {"num_poisons": 200, "num_source": 300, "steps": 100}},
     "smoke": {"base_train_size": 500, "base_epochs": 1, "train_size": 400, "epochs": 1, "ibau_clean": 200,
               "max_rounds": 1, "ht_rounds": 1, "ht": {"num_poisons": 20, "num_source": 20, "steps": 3}},
 }
@@ -61,7 +61,7 @@ PROFILES = {
 CASES = {
     "semantic": ("semantic", {"target": 0}, 0.1, {"outer_lr": 0.1, "norm_bound": None}),
     "wanet": ("wanet", {"target": 0}, 0.1, {"outer_lr": 1e-4}),
-    "input_aware": ("input_aware", {"target": 0}, 0.1, {}),
+    "input_aware": ("input_aware", {"target": 0, "mask_epochs": 5}, 0.1, {}),
     "hidden_trigger_eps16": ("hidden_trigger", {"eps": 16 / 255}, 0.0, {}),
     "hidden_trigger_eps50": ("hidden_trigger", {"eps": 50 / 255}, 0.0, {}),
 }

@@ -13,7 +13,7 @@ from torch import nn
 
 from ibau.attacks import (
     ATTACKS, AllToAll, Attack, BadNets, Blend, L0Inv, L2Inv, MultiTrigger, Smooth, TrojanSquare,
-    TrojanWatermark, SemanticReplacement, WaNet, create_attack, gaussian_blur, procedural_pattern, square_mask, watermark_mask,
+    TrojanWatermark, SemanticReplacement, WaNet, InputAware, HiddenTrigger, create_attack, gaussian_blur, procedural_pattern, square_mask, watermark_mask,
 )
 from ibau.data.synthetic import TinyNet, make_data, poisoned_model
 
@@ -82,8 +82,12 @@ FACTORIES = {
                                         (BadNets(target=1, image_shape=SHAPE), 1)]),
     "semantic": lambda seed: SemanticReplacement(seed=seed, image_shape=SHAPE),
     "wanet": lambda seed: WaNet(seed=seed, image_shape=SHAPE),
+    "input_aware": lambda seed: InputAware(seed=seed, width=8, image_shape=SHAPE),
+    "hidden_trigger": lambda seed: HiddenTrigger(target=2, source=1, num_poisons=8, num_source=16, patch_size=3,
+                                                 steps=STEPS, batch_size=48, seed=seed),
 }
-SEEDED = {"blend", "l0_inv", "l2_inv", "smooth", "trojan_sq", "trojan_wm", "multi", "semantic", "wanet"}
+SEEDED = {"blend", "l0_inv", "l2_inv", "smooth", "trojan_sq", "trojan_wm", "multi", "semantic", "wanet", "input_aware",
+          "hidden_trigger"}
 
 
 def test_every_registered_attack_is_covered():

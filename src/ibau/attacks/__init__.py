@@ -15,11 +15,14 @@ from .all_to_all import AllToAll
 from .multi import MultiTrigger
 from .semantic import SemanticReplacement, cartoon_picture
 from .wanet import WaNet, WaNetSet
+from .input_aware import InputAware, InputAwareSet
+from .hidden_trigger import HiddenTrigger, HiddenTriggerSet
 
 __all__ = [
     "Trigger", "badnets_square",
     "Attack", "ATTACKS", "register_attack", "create_attack",
     "BadNets", "Blend", "L0Inv", "L2Inv", "Smooth", "TrojanSquare", "TrojanWatermark", "AllToAll", "MultiTrigger",
-    "SemanticReplacement", "WaNet", "WaNetSet", "cartoon_picture",
+    "SemanticReplacement", "WaNet", "WaNetSet", "cartoon_picture", "InputAware", "InputAwareSet",
+    "HiddenTrigger", "HiddenTriggerSet",
     "procedural_pattern", "gaussian_blur", "square_mask", "watermark_mask",
 ]

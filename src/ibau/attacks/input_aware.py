@@ -16,7 +16,7 @@ from ..data.poison import TensorSet
 from ._common import as_shape, constructor_config, model_device, shape_of
 from .base import Attack, register_attack
 
-__all__ = ["InputAware", "TriggerGenerator"]
+__all__ = ["InputAware", "InputAwareSet", "TriggerGenerator"]
 
 _EPS = 1e-7
 _SHARPNESS = 20.0  # slope of the mask's soft threshold (near-binary masks)
