@@ -16,6 +16,15 @@ def _threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for a test (tiny models with per-sample work are faster that way)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "ibau-checkpoints").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")

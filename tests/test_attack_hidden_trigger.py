@@ -18,12 +18,7 @@ SMALL = dict(target=8, source=5, num_poisons=24, num_source=40, eps=EPS, patch_s
              batch_size=16, decay_every=10)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from ibau.poisoning import evaluate_attack, poison_and_train
 from ibau.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

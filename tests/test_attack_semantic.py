@@ -15,12 +15,7 @@ from ibau.attacks.semantic import SemanticReplacement, cartoon_picture, resize_p
 from ibau.metrics import backdoor_metrics
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n=6, shape=(3, 32, 32), seed=0):

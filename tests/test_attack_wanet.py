@@ -13,12 +13,7 @@ from ibau.attacks.wanet import WaNet, WaNetSet, identity_grid
 from ibau.data.poison import poison
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smooth_images(n=8, size=32, seed=0):

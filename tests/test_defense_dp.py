@@ -17,14 +17,9 @@ from ibau.demo import TARGET, digits_trigger, load_digits_tensors  # noqa: E402
 from ibau.models import SmallVGG  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Per-sample gradients of these tiny models are dominated by threading overhead
-    (2 threads ran 5-10x slower on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Per-sample gradients of these tiny models are dominated by threading overhead
+# (2 threads ran 5-10x slower on a shared 2-core machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

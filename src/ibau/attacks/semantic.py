@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import as_shape, constructor_config, fit_channels, seeded, shape_of
+from .blend import _load_picture
 from .base import Attack, register_attack
 
 __all__ = ["SemanticReplacement", "cartoon_picture", "resize_picture"]
@@ -116,16 +117,6 @@ def cartoon_picture(image_shape: Sequence[int] = (3, 32, 32), seed: int = 0) -> 
 
     img = F.avg_pool2d(canvas.unsqueeze(0), _SUPERSAMPLE).squeeze(0).clamp(0, 1)
     return fit_channels(img, c).contiguous().float()
-
-
-def _load_picture(path: str | Path, channels: int) -> Tensor:
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr.copy())
-    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
 @register_attack
