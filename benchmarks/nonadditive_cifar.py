@@ -73,12 +73,12 @@ PAPER = {"semantic": (83.82, 100.0, 82.12, 0.0), "wanet": (94.36, 99.62, 92.86, 
 def clean_base(args, prof, xtr, ytr) -> SmallVGG:
     path = args.cache / f"clean_cpu_s{args.seed}.safetensors"
     model = SmallVGG(10)
-    if path.exists() and args.profile == "cpu":
+    if path.exists() and args.profile.startswith("cpu"):
         load_weights(model, path)
         return model
     x, y = subset(xtr, ytr, prof["base_train_size"], args.seed)
     train(model, (x, y), TrainConfig(prof["base_epochs"], 128, 1e-3, args.seed), desc="clean model")
-    if args.profile == "cpu":
+    if args.profile.startswith("cpu"):
         save_weights(model, path, force=True)
     return model
 
