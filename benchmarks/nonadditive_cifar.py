@@ -98,8 +98,8 @@ def report(data: dict) -> str:
     lines = [f"# Non-additive attacks and I-BAU on CIFAR-10 (profile `{data.get('profile_name')}`)", "",
              "Generated from `nonadditive_cifar.json` by `benchmarks/nonadditive_cifar.py`; protocol in its "
              "docstring. ACC / ASR in %; [paper: before -> after].", "",
-             "| case | poisoned model | I-BAU defaults (rounds) | I-BAU paper setting (rounds) | paper |",
-             "|---|---|---|---|---|"]
+             "| case | clean model's ASR | poisoned model | I-BAU defaults (rounds) | I-BAU paper setting (rounds) "
+             "| paper |", "|---|---|---|---|---|---|"]
     for name, rec in data.get("cases", {}).items():
         m = rec.get("metrics")
         if not m:
@@ -112,7 +112,9 @@ def report(data: dict) -> str:
             mark = "" if r["asr"] < 0.2 else " ✗"
             return f"{100 * r['acc']:.1f} / {100 * r['asr']:.1f}{mark} ({r['rounds']})"
 
-        lines.append(f"| {name} | {100 * m['acc']:.1f} / {100 * m['asr']:.1f} | {cell(rec.get('ibau_default'))} | "
+        ref = rec.get("clean_model_asr")
+        lines.append(f"| {name} | {'-' if ref is None else f'{100 * ref:.1f}'} | "
+                     f"{100 * m['acc']:.1f} / {100 * m['asr']:.1f} | {cell(rec.get('ibau_default'))} | "
                      f"{cell(rec.get('ibau_paper'))} | "
                      + (f"{p[0]:.2f}/{p[1]:.2f} -> {p[2]:.2f}/{p[3]:.2f}" if p else "") + " |")
     lines += ["", "✗: ASR not below 20%. Semantic replacement's ASR is per model 0 or 100% (one picture); "
@@ -175,6 +177,9 @@ def main(argv=None) -> None:
             rec["seconds_prepare"], rec["seconds_total"] = t_prep, time.perf_counter() - t0
             save_weights(model, wpath, force=True)
             save_manifest(attack, mpath, force=True)
+            write_json(data, out)
+        if "clean_model_asr" not in rec:  # the reference: how often the clean model already "obeys" the trigger
+            rec["clean_model_asr"] = evaluate_attack(base, attack, xe, ye)["asr"]
             write_json(data, out)
         m = rec["metrics"]
         print(f"{name}: poisoned ACC {100 * m['acc']:.2f}%, ASR {100 * m['asr']:.2f}%", flush=True)
