@@ -83,3 +83,11 @@ PAPER = {
     ("gtsrb", "badnets"): (97.69, 99.18, 99.38, 3.32),
     ("gtsrb", "trojan_wm"): (97.84, 100.0, 99.44, 2.55),
 }
+
+
+def results_file(stem: str, profile: str, out: Path | None = None) -> tuple[Path, dict]:
+    """``results/STEM[_PROFILE].json`` (the ``cpu`` profile has no suffix) and its data so far."""
+    import json
+
+    path = out or Path(__file__).resolve().parent / "results" / f"{stem}{'' if profile == 'cpu' else '_' + profile}.json"
+    return path, (json.loads(path.read_text()) if path.exists() else {})

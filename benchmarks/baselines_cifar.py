@@ -37,7 +37,6 @@ markdown table beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _data import DEFAULT_DATA, load_split, paper_protocol  # noqa: E402
+from _data import DEFAULT_DATA, results_file, load_split, paper_protocol  # noqa: E402
 
 from ibau.attacks import AllToAll, Trigger, badnets_square  # noqa: E402
 from ibau.attacks.manifest import load_manifest  # noqa: E402
@@ -251,8 +250,7 @@ def main(argv=None) -> None:
     ap.add_argument("--redo", action="store_true", help="run again what the JSON already holds")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    out = args.out or RESULTS / f"baselines_cifar{'' if args.profile == 'cpu' else '_' + args.profile}.json"
-    results = json.loads(out.read_text()) if out.exists() else {}
+    out, results = results_file("baselines_cifar", args.profile, args.out)
     if args.report_only:
         out.with_suffix(".md").write_text(report(results))
         return

@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _data import DEFAULT_DATA, load_split, paper_protocol  # noqa: E402
+from _data import DEFAULT_DATA, results_file, load_split, paper_protocol  # noqa: E402
 
 from ibau import IBAU  # noqa: E402
 from ibau.attacks import create_attack  # noqa: E402
@@ -140,8 +138,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    out = args.out or RESULTS / f"nonadditive_cifar{'' if args.profile == 'cpu' else '_' + args.profile}.json"
-    data = json.loads(out.read_text()) if out.exists() else {}
+    out, data = results_file("nonadditive_cifar", args.profile, args.out)
     if args.report_only:
         out.with_suffix(".md").write_text(report(data))
         return

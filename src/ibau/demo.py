@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_demo", "load_digits_tensors", "digits_trigger"]
+__all__ = ["run_demo", "load_digits_tensors", "digits_trigger", "split_digits"]
 
 TARGET = 0
 
@@ -32,6 +32,14 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     d = load_digits()
     x = torch.from_numpy(d.images).float().div(16).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
     return x, torch.from_numpy(d.target).long()
+
+
+def split_digits(seed: int = 0):
+    """The digits and a seeded split of their indices: 1,100 training, 400 clean (the
+    defender's), the rest (297) test."""
+    x, y = load_digits_tensors()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return x, y, perm[:1100], perm[1100:1500], perm[1500:]
 
 
 def digits_trigger():
@@ -55,10 +63,9 @@ def run_demo(out_dir: str | os.PathLike = "ibau-demo", *, seed: int = 0, force: 
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:  # fail before the work, not after
         raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
-    x, y = load_digits_tensors()
+    x, y, tr, clean, te = split_digits(seed)
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=g)
-    tr, clean, te = perm[:1100], perm[1100:1500], perm[1500:]
+    torch.randperm(len(x), generator=g)  # the split's draw: the poisoned choice below stays as before
     trigger = digits_trigger()
     x_tr, y_tr = x[tr].clone(), y[tr].clone()
     candidates = torch.nonzero(y_tr != TARGET).flatten()
