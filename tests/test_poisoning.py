@@ -144,3 +144,30 @@ def test_poison_and_evaluate_commands(tmp_path, capsys):
     assert ev["asr"] == pytest.approx(metrics["metrics"]["asr"])
     assert main(["poison", "--model-def", f"{tmp_path / 'net.py'}:make", "--data", str(tmp_path / "train.npz"),
                  "--attack", "nope", "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
+@pytest.mark.parametrize("attack", ["semantic", "wanet", "badnets"])
+def test_poison_command_fits_shape_dependent_attacks_to_the_data(tmp_path, capsys, attack):
+    """Attacks built for 3x32x32 by default are fitted to the data's images (8x8 here) by
+    the command, without an image_shape option; the manifest reproduces the trigger."""
+    import numpy as np
+
+    x, y = toy.make_data(400, 13)
+    np.savez(tmp_path / "train.npz", x=x.numpy(), y=y.numpy())
+    xe, ye = toy.make_data(200, 14)
+    np.savez(tmp_path / "test.npz", x=xe.numpy(), y=ye.numpy())
+    (tmp_path / "net.py").write_text("from ibau.data.synthetic import TinyNet\n"
+                                     "def make(num_classes=4):\n    return TinyNet(num_classes)\n")
+    out = tmp_path / "p.safetensors"
+    args = ["poison", "--model-def", f"{tmp_path / 'net.py'}:make", "--data", str(tmp_path / "train.npz"),
+            "--eval-data", str(tmp_path / "test.npz"), "--attack", attack, "--target", "0", "--epochs", "4",
+            "--batch-size", "64", "--lr", "0.01", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "p.metrics.json").read_text())
+    assert metrics["poisoned"] > 0 and 0 <= metrics["metrics"]["asr"] <= 1
+    if attack == "semantic":  # one picture, learnt at once
+        assert metrics["metrics"]["asr"] == 1.0
+    assert main(["evaluate", "--model-def", f"{tmp_path / 'net.py'}:make", "--weights", str(out),
+                 "--manifest", str(tmp_path / "p.attack.json"), "--data", str(tmp_path / "test.npz"),
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["asr"] == pytest.approx(metrics["metrics"]["asr"])

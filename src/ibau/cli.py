@@ -479,6 +479,11 @@ def poison_cmd(args: argparse.Namespace) -> int:
             train(ref, (x, y), TrainConfig(args.trigger_epochs, args.batch_size, args.lr, args.seed + 1),
                   progress=not args.quiet, desc="clean model for the trigger")
         attack.prepare(ref.eval(), x, y)
+    else:
+        try:  # fits shape-dependent triggers (patch position, warping field, picture) to the data's images
+            attack.prepare(None, x, y)
+        except ValueError as exc:
+            raise UsageError(f"attack {args.attack!r} cannot be used on these images: {exc}") from None
     record = poison_and_train(model, x, y, attack, ratio=args.ratio, config=config, seed=args.seed,
                               checkpoint=default_checkpoint(args.out), progress=not args.quiet, eval_data=eval_data)
     save_weights(model, args.out, force=args.force, metadata={"producer": "ibau poison"})
