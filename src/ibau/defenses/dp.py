@@ -89,8 +89,8 @@ def dp_compatible(model: nn.Module) -> nn.Module:
 
     Use it to rebuild a DP-trained model from saved weights::
 
-        >>> net = dp_compatible(SmallVGG(10))
-        >>> net.load_state_dict(torch.load("dp_weights.pt"))   # strict
+        >>> from ibau import load_weights
+        >>> net = load_weights(dp_compatible(SmallVGG(10)), "dp.safetensors")   # strict, no unpickling
 
     Raises:
         ValueError: when the model has layers Opacus cannot train even after the fix.
