@@ -18,6 +18,9 @@ epochs; trained here if absent) and is fine-tuned for ``epochs`` on a seeded
   clean model's features (``eps`` 16/255 and 50/255), labels kept; the clean model is
   fine-tuned on the poisoned set (Saha et al.'s transfer setting).
 
+Profile ``cpu_long`` repeats WaNet and IAB with 20 fine-tuning epochs instead of 5 (both
+implant only weakly in 5): ``results/nonadditive_cifar_cpu_long.{json,md}``.
+
 ACC / ASR on the 1,000 lossless test images (ASR on non-target images; hidden trigger:
 on source-class images). I-BAU gets ``ibau_clean`` lossy test images. Two I-BAU runs per
 model: the defaults, and the paper's setting for that case (SR: outer Adam lr 0.1 and
@@ -52,6 +55,9 @@ RESULTS, CACHE = HERE / "results", HERE / "cache"
 PROFILES = {
     "cpu": {"base_train_size": 10_000, "base_epochs": 12, "train_size": 4_000, "epochs": 5, "ibau_clean": 1_000,
             "max_rounds": 3, "ht_rounds": 5, "ht": {"num_poisons": 200, "num_source": 300, "steps": 100}},
+    # WaNet and IAB implant only weakly in 5 fine-tuning epochs: the same with 20
+    "cpu_long": {"base_train_size": 10_000, "base_epochs": 12, "train_size": 4_000, "epochs": 20, "ibau_clean": 1_000,
+                 "max_rounds": 3, "ht_rounds": 5, "ht": {"num_poisons": 200, "num_source": 300, "steps": 100}},
     "smoke": {"base_train_size": 500, "base_epochs": 1, "train_size": 400, "epochs": 1, "ibau_clean": 200,
               "max_rounds": 1, "ht_rounds": 1, "ht": {"num_poisons": 20, "num_source": 20, "steps": 3}},
 }
