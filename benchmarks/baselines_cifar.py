@@ -48,9 +48,9 @@ sys.path.insert(0, str(HERE))
 
 from _data import DEFAULT_DATA, results_file, load_split, paper_protocol  # noqa: E402
 
-from ibau.attacks import AllToAll, Trigger, badnets_square  # noqa: E402
+from ibau.attacks import Trigger, badnets_square  # noqa: E402
 from ibau.attacks.manifest import load_manifest  # noqa: E402
-from ibau.data.poison import PoisonedSet  # noqa: E402
+from ibau.data.poison import poison  # noqa: E402
 from ibau.defenses import DEFENSES, create  # noqa: E402
 from ibau.defenses.base import time_to_effect  # noqa: E402
 from ibau.io import load_weights, write_json  # noqa: E402
@@ -116,10 +116,13 @@ PAPER_TABLE6 = {"neural_cleanse": 384.92, "deepinspect": 394.38, "tabor": 1123.3
 
 
 class Case:
-    """A poisoned model to defend: weights, how to trigger, and how to poison (for DP)."""
+    """A poisoned model to defend: its weights and its attack (``apply`` and ``target_of``,
+    which is also how DP-SGD's training set gets poisoned)."""
 
-    def __init__(self, name: str, weights: Path, apply, target_of, attack=None):
-        self.name, self.weights, self.apply, self.target_of, self.attack = name, weights, apply, target_of, attack
+    def __init__(self, name: str, weights: Path, apply, target_of):
+        if isinstance(target_of, int):
+            target_of = (lambda t, c=target_of: torch.full_like(t, c))
+        self.name, self.weights, self.apply, self.target_of = name, weights, apply, target_of
 
 
 def cases(root: Path, cache: Path = CACHE) -> list[Case]:
@@ -129,29 +132,17 @@ def cases(root: Path, cache: Path = CACHE) -> list[Case]:
     a2a = cache / "all_to_all_cpu_s0.safetensors"
     if a2a.exists():
         attack = load_manifest(a2a.with_name("all_to_all_cpu_s0.attack.json"))[0]
-        out.append(Case("all_to_all", a2a, attack.apply, attack.target_of, attack))
+        out.append(Case("all_to_all", a2a, attack.apply, attack.target_of))
     return out
-
-
-def _poisoned_training_set(case: Case, x: torch.Tensor, y: torch.Tensor, seed: int) -> PoisonedSet:
-    """20% of ``x`` poisoned with the case's trigger (all-to-all: y -> y + 1)."""
-    target_of = case.target_of if callable(case.target_of) else (lambda t, c=case.target_of: torch.full_like(t, c))
-    cand = torch.arange(len(y)) if isinstance(case.attack, AllToAll) else torch.nonzero(target_of(y) != y).flatten()
-    g = torch.Generator().manual_seed(seed)
-    chosen = cand[torch.randperm(len(cand), generator=g)[: int(0.2 * len(y))]]
-    return PoisonedSet(x, y, case.apply, target_of, chosen)
 
 
 def run_one(case: Case, method: str, prof: dict, data: dict, device: torch.device, seed: int) -> dict:
     xc, yc, xe, ye = data["clean"]
     model = SmallVGG(10)
     if method == "dp":
-        n = prof["dp_train_size"]
-        xs, ys = subset(*data["train"], n, seed) if n < len(data["train"][1]) else data["train"]
-        ps = _poisoned_training_set(case, xs, ys, seed)
-        idx = torch.arange(len(ps))
-        xs, ys = ps.batch(idx)
-        fit_x, fit_y = xs, ys
+        # 20% of a training subset poisoned with the case's trigger (all-to-all: y -> y + 1)
+        ps = poison(*subset(*data["train"], prof["dp_train_size"], seed), case, 0.2, seed=seed)
+        fit_x, fit_y = ps.batch(torch.arange(len(ps)))
     else:
         load_weights(model, case.weights)
         fit_x, fit_y = xc, yc

@@ -25,9 +25,7 @@ def target_of(kind: str):
 
 @functools.lru_cache(maxsize=None)
 def _backdoor(kind: str, seed: int):
-    x, y, tr, clean, te = split_digits(seed)
-    g = torch.Generator().manual_seed(seed)
-    torch.randperm(len(x), generator=g)  # the split's draw: the poisoned choice below stays as before
+    x, y, tr, clean, te, g = split_digits(seed)
     trig = digits_trigger()
     xt, yt = x[tr].clone(), y[tr].clone()
     cand = torch.nonzero(yt != TARGET).flatten() if kind == "one_target" else torch.arange(len(yt))

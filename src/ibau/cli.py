@@ -162,6 +162,15 @@ def _check_new(path: Path | None, force: bool, what: str) -> None:
         raise UsageError(f"{what} {path} exists; pass --force to overwrite it")
 
 
+def _check_outputs(outputs: list[tuple[Path | None, str]], weights: Path | None, force: bool) -> None:
+    """Each output is new (or ``force``), and none of them is the input weights file."""
+    for path, what in outputs:
+        _check_new(path, force, what)
+        if weights is not None and path is not None and weights.exists() and path.exists() \
+                and path.resolve() == weights.resolve():
+            raise UsageError(f"{path} is the input weights file; the input is never overwritten")
+
+
 # ----------------------------------------------------------------------------- unlearn
 def _unlearn_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
@@ -201,11 +210,8 @@ def unlearn_cmd(args: argparse.Namespace) -> int:
 
     if args.out.suffix != ".safetensors":
         raise UsageError(f"--out must end in .safetensors, got {args.out}")
-    for path, what in ((args.out, "output"), (args.report, "report"), (args.report_dir, "report folder")):
-        _check_new(path, args.force, what)
-    for path in (args.out, args.report):
-        if args.weights.exists() and path.exists() and path.resolve() == args.weights.resolve():
-            raise UsageError(f"{path} is the input weights file; the input is never overwritten")
+    _check_outputs([(args.out, "output"), (args.report, "report"), (args.report_dir, "report folder")],
+                   args.weights, args.force)
     if args.report_dir is not None:
         require_matplotlib()
     rounds: int | str = args.rounds
@@ -296,7 +302,7 @@ def _list_defenses() -> str:
 @command("defend", "run any defense of the registry (I-BAU, Neural Cleanse, TABOR, DeepInspect, Fine-pruning, NAD, "
          "DP-SGD) on a model", _defend_args)
 def defend_cmd(args: argparse.Namespace) -> int:
-    from .defend import defend, settings_of
+    from .defend import check_settings, defend
     from .defenses import DEFENSES
     from .io import atomic_write, load_weights, save_weights, write_json
 
@@ -317,16 +323,13 @@ def defend_cmd(args: argparse.Namespace) -> int:
     if args.out.suffix != ".safetensors":
         raise UsageError(f"--out must end in .safetensors, got {args.out}")
     artifacts_path = args.report.with_suffix(".npz")
-    for path, what in ((args.out, "output"), (args.report, "report"), (artifacts_path, "artifacts file")):
-        _check_new(path, args.force, what)
-        if args.weights is not None and args.weights.exists() and path.exists() \
-                and path.resolve() == args.weights.resolve():
-            raise UsageError(f"{path} is the input weights file; the input is never overwritten")
+    _check_outputs([(args.out, "output"), (args.report, "report"), (artifacts_path, "artifacts file")],
+                   args.weights, args.force)
     params = _parse_options(args.param, flag="--param")
-    known = settings_of(cls)
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise UsageError(f"{args.method} has no setting {', '.join(unknown)}; its settings: {', '.join(known)}")
+    try:  # before loading anything
+        known = check_settings(cls, params)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     normalize = _parse_normalize(args.normalize)
     if normalize is not None:
         if "normalize" not in known:

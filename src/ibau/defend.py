@@ -17,7 +17,7 @@ from .metrics import clean_accuracy
 from .unlearn import REPORT_SCHEMA_VERSION, split_holdout
 from .utils import environment
 
-__all__ = ["DefendResult", "defend", "settings_of", "split_extras"]
+__all__ = ["DefendResult", "defend", "settings_of", "check_settings", "split_extras"]
 
 
 @dataclass
@@ -42,6 +42,16 @@ def settings_of(cls: type[Defense]) -> dict[str, Any]:
         if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
             break
     return out
+
+
+def check_settings(cls: type[Defense], settings: dict[str, Any]) -> dict[str, Any]:
+    """The class's settings (:func:`settings_of`); ``ValueError`` naming any key of
+    ``settings`` that the class does not take."""
+    known = settings_of(cls)
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.name} has no setting {', '.join(unknown)}; its settings: {', '.join(sorted(known))}")
+    return known
 
 
 def split_extras(extras: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -78,10 +88,7 @@ def defend(model: nn.Module, x: Tensor, y: Tensor, method: str, *, holdout: floa
         cls = DEFENSES[method]
     except KeyError:
         raise KeyError(f"unknown defense {method!r}; known: {', '.join(sorted(DEFENSES))}") from None
-    known = settings_of(cls)
-    unknown = sorted(set(settings) - set(known))
-    if unknown:
-        raise ValueError(f"{method} has no setting {', '.join(unknown)}; its settings: {', '.join(sorted(known))}")
+    known = check_settings(cls, settings)
     if "seed" in known:
         settings.setdefault("seed", seed)
     if "progress" in known:

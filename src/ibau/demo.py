@@ -36,10 +36,12 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 
 def split_digits(seed: int = 0):
     """The digits and a seeded split of their indices: 1,100 training, 400 clean (the
-    defender's), the rest (297) test."""
+    defender's), the rest (297) test; also the generator that drew it, for the draws
+    that follow (which images get poisoned)."""
     x, y = load_digits_tensors()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return x, y, perm[:1100], perm[1100:1500], perm[1500:]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    return x, y, perm[:1100], perm[1100:1500], perm[1500:], g
 
 
 def digits_trigger():
@@ -63,9 +65,7 @@ def run_demo(out_dir: str | os.PathLike = "ibau-demo", *, seed: int = 0, force: 
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:  # fail before the work, not after
         raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
-    x, y, tr, clean, te = split_digits(seed)
-    g = torch.Generator().manual_seed(seed)
-    torch.randperm(len(x), generator=g)  # the split's draw: the poisoned choice below stays as before
+    x, y, tr, clean, te, g = split_digits(seed)
     trigger = digits_trigger()
     x_tr, y_tr = x[tr].clone(), y[tr].clone()
     candidates = torch.nonzero(y_tr != TARGET).flatten()

@@ -10,9 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .attacks.base import Attack
-from .data.poison import poison_multi
 from .metrics import backdoor_metrics
-from .train import TrainConfig, train
+from .train import TrainConfig
 
 __all__ = ["poison_and_train", "evaluate_attack"]
 
@@ -37,15 +36,10 @@ def poison_and_train(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, *, 
 
     Returns a record with the poisoned count and, given ``eval_data``, ACC/ASR/RA.
     """
-    multi = getattr(attack, "attacks", None) is not None
-    data = poison_multi(x, y, attack, ratio, seed=seed) if multi else attack.poisoned_set(x, y, ratio, seed=seed)
-    poisoned = sum(int(p.mask.sum()) for p in data.parts) if multi else int(getattr(data, "mask").sum())
-    if multi:
-        train(model, data, config, checkpoint=checkpoint, progress=progress, desc=f"training ({attack.name})")
-    else:
-        attack.train_poisoned(model, data, config, checkpoint=checkpoint, progress=progress)
+    data = attack.poisoned_set(x, y, ratio, seed=seed)
+    attack.train_poisoned(model, data, config, checkpoint=checkpoint, progress=progress)
     record: dict[str, Any] = {"attack": attack.name, "ratio": ratio, "training_size": len(data),
-                              "poisoned": poisoned, "train_config": config.as_dict(), "seed": seed}
+                              "poisoned": int(data.mask.sum()), "train_config": config.as_dict(), "seed": seed}
     if eval_data is not None:
         record["metrics"] = evaluate_attack(model, attack, *eval_data)
     return record

@@ -99,6 +99,13 @@ class MultiTrigger(Attack):
     def target_of(self, y: Tensor, which: int = 0) -> Tensor:
         return torch.full_like(torch.as_tensor(y).long(), self.targets[self._index(which)])
 
+    def poisoned_set(self, x: Tensor, y: Tensor, ratio: float, *, seed: int = 0):
+        """The paper's multi-trigger training set: one copy of ``(x, y)`` per trigger, each
+        with ``ratio`` poisoned by it (:func:`ibau.data.poison.poison_multi`)."""
+        from ..data.poison import poison_multi
+
+        return poison_multi(x, y, self, ratio, seed=seed)
+
     def trigger_fn(self, which: int) -> Callable[[Tensor], Tensor]:
         """``x -> apply(x, which)`` (for metrics that take a trigger function)."""
         i = self._index(which)

@@ -65,6 +65,11 @@ class ConcatSet:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def mask(self) -> Tensor:
+        """The poisoned samples of all parts, in order."""
+        return torch.cat([p.mask for p in self.parts])
+
     def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         idx = torch.as_tensor(idx)
         part = torch.bucketize(idx, self.offsets[1:], right=True)

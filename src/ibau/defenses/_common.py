@@ -3,6 +3,7 @@ and the trigger-unlearning step of the trigger-synthesis family (NC, TABOR, DI).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -12,7 +13,20 @@ from torch import Tensor, nn
 from ..metrics import model_device
 from .base import Trace
 
-__all__ = ["augment", "fine_tune", "stamp_fraction", "batches_of", "mad_anomaly_index"]
+__all__ = ["augment", "fine_tune", "stamp_fraction", "batches_of", "mad_anomaly_index", "private_rng"]
+
+
+@contextlib.contextmanager
+def private_rng(seed: int, device: torch.device):
+    """Seed the global generators (dropout draws from them) inside, restore them after:
+    training in train mode becomes reproducible and the caller's random state is kept."""
+    cuda = device.type == "cuda"
+    idx = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[idx] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[idx].manual_seed(seed)
+        yield
 
 
 def augment(x: Tensor, generator: torch.Generator, *, pad: int = 4, flip: bool = True) -> Tensor:
@@ -78,11 +92,8 @@ def fine_tune(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float,
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'sgd'")
-    # Dropout draws from torch's global generator: seed a forked copy of it from ``generator``
-    # so that a fit is reproducible and the caller's random state is left as it was.
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    # Dropout draws from torch's global generator: a private copy seeded from ``generator``.
+    with private_rng(int(torch.randint(0, 2**62, (1,), generator=generator)), device):
         return _fine_tune(model, x, y, opt, epochs, batch_size, generator, trace, label, transform, use_augment,
                           loss_fn, progress, device)
 

@@ -126,8 +126,9 @@ class TriggerSynthesis(Defense):
             for p in net.parameters():
                 p.requires_grad_(True)
             net.train(was)
-        index = mad_anomaly_index(torch.tensor([t.score for t in triggers]))
-        median = torch.tensor([t.score for t in triggers], dtype=torch.float64).quantile(0.5)
+        scores = torch.tensor([t.score for t in triggers], dtype=torch.float64)
+        index = mad_anomaly_index(scores)
+        median = scores.quantile(0.5)
         flagged = [t.target for t, a in zip(triggers, index.tolist()) if a > self.threshold and t.score < median]
         return ScanResult(triggers=triggers, anomaly_index=index.tolist(), flagged=flagged)
 
@@ -138,7 +139,6 @@ class TriggerSynthesis(Defense):
         model is left unchanged (the defense found nothing to unlearn)."""
         x, y = check_images(x, y, min_size=2)
         trace = Trace(evaluate, stop_when)
-        scan: ScanResult | None = None
         with trace.run(model):
             scan = self.scan(model, x, y)
             trace.point(model, "scan", flagged=list(scan.flagged))
@@ -150,12 +150,11 @@ class TriggerSynthesis(Defense):
                           batch_size=self.unlearn_batch_size, generator=g, trace=_Relay(trace, model),
                           label="unlearn epoch", transform=lambda xb: stamp_fraction(xb, stamps, self.unlearn_fraction, g),
                           progress=self.progress)
-        extras: dict[str, Any] = {}
-        reason = "no class flagged: nothing to unlearn" if scan is not None and not scan.flagged else \
-            f"unlearned the triggers of classes {scan.flagged if scan else []}"
-        if scan is not None:
-            extras = {"scan": scan.as_dict(),
-                      "triggers": {f"{k}_{t.target}": v.cpu() for t in scan.triggers for k, v in t.tensors.items()}}
+        # (the scan itself never stops the run: ``scan`` is always set here)
+        reason = (f"unlearned the triggers of classes {scan.flagged}" if scan.flagged
+                  else "no class flagged: nothing to unlearn")
+        extras = {"scan": scan.as_dict(),
+                  "triggers": {f"{k}_{t.target}": v.cpu() for t in scan.triggers for k, v in t.tensors.items()}}
         return trace.result(model, extras, default_reason=reason)
 
 

@@ -1,12 +1,11 @@
 """Fine-pruning (Liu, Dolan-Gavitt & Garg, RAID 2018), as run in the I-BAU paper's Appendix A.4.2.
 
 Also holds two helpers NAD shares: :func:`conv_sites` (where each convolution's output
-is normalised and activated) and :func:`private_rng` (deterministic dropout).
+is normalised and activated).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from ..metrics import clean_accuracy, model_device
 from ._common import fine_tune
 from .base import Defense, DefenseResult, Evaluate, StopWhen, Trace, check_images
 
-__all__ = ["FinePruning", "ConvSite", "conv_sites", "private_rng"]
+__all__ = ["FinePruning", "ConvSite", "conv_sites"]
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
                nn.Hardswish, nn.PReLU, nn.Softplus, nn.Tanh, nn.Sigmoid)
@@ -79,18 +78,6 @@ def conv_sites(model: nn.Module, x: Tensor) -> list[ConvSite]:
         sites.append(ConvSite(name, bn and bn[0], act and act[0], tuple(out.shape[2:])))
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return sorted(sites, key=lambda s: order[s.conv])
-
-
-@contextlib.contextmanager
-def private_rng(seed: int, device: torch.device):
-    """Seed the global generators (dropout draws from them) inside, restore them after."""
-    cuda = device.type == "cuda"
-    idx = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
-    with torch.random.fork_rng(devices=[idx] if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.default_generators[idx].manual_seed(seed)
-        yield
 
 
 class FinePruning(Defense):
@@ -179,7 +166,6 @@ class FinePruning(Defense):
         if not 1 <= k < n:
             raise ValueError(f"prune_images={self.prune_images} leaves no images for pruning or fine-tuning "
                              f"out of {n}")
-        device = model_device(model)
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(n, generator=g)
         xp, yp, xt, yt = x[perm[:k]], y[perm[:k]], x[perm[k:]], y[perm[k:]]
@@ -241,11 +227,11 @@ class FinePruning(Defense):
                 m = keep.to(t.device, t.dtype).view(shape)
                 handles.append(t.register_hook(lambda grad, m=m: grad * m))
             try:
-                with private_rng(self.seed, device):
-                    extras["losses"] = fine_tune(
-                        model, xt, yt, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, generator=g,
-                        trace=trace, optimizer=self.optimizer, momentum=self.momentum,
-                        weight_decay=self.weight_decay, use_augment=self.augment, progress=self.progress)
+                # dropout draws from a seeded private copy of the global RNG (inside fine_tune)
+                extras["losses"] = fine_tune(
+                    model, xt, yt, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, generator=g,
+                    trace=trace, optimizer=self.optimizer, momentum=self.momentum,
+                    weight_decay=self.weight_decay, use_augment=self.augment, progress=self.progress)
             finally:
                 for hd in handles:
                     hd.remove()

@@ -14,7 +14,8 @@ from ..metrics import model_device
 from ._common import augment as random_crop_flip
 from ._common import batches_of
 from .base import Defense, DefenseResult, Evaluate, StopWhen, Trace, check_images
-from .fine_pruning import conv_sites, private_rng
+from ._common import private_rng
+from .fine_pruning import conv_sites
 
 __all__ = ["NAD", "attention_map", "attention_loss", "default_layers"]
 
