@@ -7,11 +7,13 @@ from .deepinspect import DeepInspect
 from .dp import DPSGD
 from .fine_pruning import FinePruning
 from .ibau import IBAU
+from .naive_uap import NaiveUAP
 from .nad import NAD
 from .neural_cleanse import NeuralCleanse
 from .tabor import TABOR
 
-DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (IBAU, NeuralCleanse, TABOR, DeepInspect, FinePruning, NAD, DPSGD)}
+DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (IBAU, NeuralCleanse, TABOR, DeepInspect, FinePruning, NAD,
+                                                                DPSGD, NaiveUAP)}
 
 
 def create(name: str, **kwargs) -> Defense:
@@ -22,4 +24,4 @@ def create(name: str, **kwargs) -> Defense:
     return cls(**kwargs)
 
 
-__all__ = ["Defense", "DefenseResult", "IBAU", "NeuralCleanse", "TABOR", "DeepInspect", "DPSGD", "FinePruning", "NAD", "DEFENSES", "create"]
+__all__ = ["Defense", "DefenseResult", "IBAU", "NeuralCleanse", "TABOR", "DeepInspect", "DPSGD", "FinePruning", "NAD", "NaiveUAP", "DEFENSES", "create"]

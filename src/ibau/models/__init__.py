@@ -10,11 +10,25 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .cifar_nets import DenseNet121, GoogLeNet, ResNet18
+from .features import features
 from .normalize import Normalized
 from .preact_resnet import PreActResNet18
 from .vgg import SmallVGG
 
-__all__ = ["MODELS", "register", "create", "available", "SmallVGG", "PreActResNet18", "Normalized"]
+__all__ = [
+    "MODELS",
+    "register",
+    "create",
+    "available",
+    "features",
+    "SmallVGG",
+    "PreActResNet18",
+    "ResNet18",
+    "GoogLeNet",
+    "DenseNet121",
+    "Normalized",
+]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -44,3 +58,6 @@ def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 
 register("small_vgg")(SmallVGG)
 register("preact_resnet18")(PreActResNet18)
+register("resnet18")(ResNet18)
+register("googlenet")(GoogLeNet)
+register("densenet121")(DenseNet121)

@@ -1,0 +1,174 @@
+"""What a cell does. ``TASKS[params["task"]](params, env) -> result dict``.
+
+``defend``: load the cell's poisoned model and attack, measure ACC/ASR on the
+evaluation images, run the defense on the clean set (or, for DP-SGD, train from
+scratch on a poisoned training subset), measuring ACC/ASR at every point the defense
+reports (I-BAU round, epoch, ...), stop at the first point with ASR < ``stop_asr`` when
+set (the paper's "time to take effect"), then the optional ``measures``:
+
+* ``error_gap`` (appendix Tables 7-8): after the defense, the error on triggered
+  images -- the share NOT classified as their true label -- on the clean set the
+  defense used versus on the unseen evaluation images; the gap is their absolute
+  difference (the paper's "empirical error gap using the original trigger").
+* ``tsne`` (Figure 4): penultimate-layer features of evaluation images with and
+  without the trigger, before and after the defense, embedded in 2-D with t-SNE.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..defenses import DEFENSES, create
+from ..defenses.base import time_to_effect
+from ..metrics import predict
+from ..poisoning import evaluate_attack, subset
+from . import data as bdata
+from .sources import load_model
+
+__all__ = ["TASKS", "Env", "run_defend"]
+
+
+class Env(dict):
+    """Where the cell runs: ``data_dir``, ``cache`` (Path), ``device`` (str), ``progress``."""
+
+
+def _none(v: Any) -> Any:
+    """TOML has no null: the string "none" stands for None in settings."""
+    if isinstance(v, str) and v.lower() == "none":
+        return None
+    if isinstance(v, dict):
+        return {k: _none(x) for k, x in v.items()}
+    return v
+
+
+def _metrics(model, attack, x, y, batch: int) -> dict[str, Any]:
+    m = evaluate_attack(model, attack, x, y, batch_size=batch)
+    out = {k: m[k] for k in ("acc", "asr", "asr_all", "ra") if k in m}
+    if "per_trigger" in m:
+        out["asr_per_trigger"] = [p["asr"] for p in m["per_trigger"]]
+        out["asr_min"] = m["asr_min"]
+    return out
+
+
+def _triggered_error(model, attack, x, y, batch: int) -> float:
+    """Share of triggered images not classified as their true label (1 - robust accuracy),
+    over all images (for several triggers: the mean over triggers)."""
+    parts = getattr(attack, "attacks", None)
+    fns = [attack.apply] if parts is None else [lambda t, i=i: attack.apply(t, which=i) for i in range(len(parts))]
+    errs = [float((predict(model, x, batch_size=batch, transform=f) != y).float().mean()) for f in fns]
+    return sum(errs) / len(errs)
+
+
+def _tsne(feats: torch.Tensor, seed: int) -> list[list[float]]:
+    from sklearn.manifold import TSNE
+
+    perplexity = min(30.0, max(5.0, (len(feats) - 1) / 3))
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(feats.numpy())
+    return [[round(float(a), 3), round(float(b), 3)] for a, b in emb]
+
+
+def run_defend(params: dict[str, Any], env: Env) -> dict[str, Any]:
+    device = torch.device(env.get("device", "cpu"))
+    dataset, root = params["dataset"], env.get("data_dir")
+    num_classes = bdata.NUM_CLASSES.get(dataset) or int(params["model"].get("num_classes", 10))
+    (xc, yc), (xe, ye) = bdata.protocol_split(dataset, root, params["protocol"])
+    batch = int(params["protocol"].get("eval_batch", 500))
+    t_load = time.perf_counter()
+    model, attack, source = load_model(params["model"], dataset, root, Path(env["cache"]), device, num_classes, xe,
+                                       progress=env.get("progress", False))
+    source["seconds"] = time.perf_counter() - t_load
+
+    def evaluate(m) -> dict[str, Any]:
+        return _metrics(m, attack, xe, ye, batch)
+
+    before = evaluate(model)
+    out: dict[str, Any] = {"before": before, "source": source, "clean_size": len(xc), "eval_size": len(xe)}
+    measures = set(params.get("measures", []))
+    feats_before = None
+    if "tsne" in measures:
+        feats_before = _features_both(model, attack, xe, ye, params)
+    name = params["defense"]
+    if name == "none":
+        out.update(after=before, history=[{"point": "before", "elapsed": 0.0, **before}], seconds=0.0,
+                   stop_reason="no defense", time_to_effect=None)
+        return out
+    if name not in DEFENSES:
+        raise KeyError(f"unknown defense {name!r}; known: {', '.join(sorted(DEFENSES))}")
+    settings = _none(dict(params.get("settings", {})))
+    settings.setdefault("seed", params.get("seed", 0))
+    settings.setdefault("progress", bool(env.get("progress", False)))
+    defense = create(name, **settings)
+    if getattr(defense, "data_role", "clean") == "training":
+        # DP-SGD trains a fresh model from scratch on the poisoned training data
+        tr = bdata.load(dataset, root, "train")
+        xt, yt = subset(tr["x"], tr["y"], params.get("dp_train_size"), params.get("seed", 0))
+        ratio = float(params["model"].get("train", {}).get("ratio", params["model"].get("ratio", 0.2)))
+        ps = attack.poisoned_set(xt, yt, ratio, seed=params.get("seed", 0))
+        fit_x, fit_y = ps.batch(torch.arange(len(ps)))
+        model = _fresh_like(params, num_classes, xe).to(device)  # same architecture, fresh weights
+        out["dp_training_size"] = len(fit_x)
+    else:
+        fit_x, fit_y = xc, yc
+    stop_asr = params.get("stop_asr")
+    stop_when: Callable | None = None
+    if stop_asr is not None:
+        def stop_when(rec: dict[str, Any]) -> bool | str:
+            return rec.get("asr", 1.0) < stop_asr and f"effective at {rec['point']} (ASR < {stop_asr:g})"
+    res = defense.fit(model, fit_x, fit_y, evaluate=evaluate, stop_when=stop_when)
+    model = res.model
+    last = {k: v for k, v in res.history[-1].items() if k in before}
+    out.update(after=last, seconds=res.seconds, stop_reason=res.stop_reason, points=len(res.history) - 1,
+               time_to_effect=time_to_effect(res.history, threshold=stop_asr if stop_asr is not None else 0.2),
+               history=[{k: v for k, v in h.items() if isinstance(v, (int, float, str, list, type(None)))}
+                        for h in res.history],
+               config=defense.config())
+    scan = res.extras.get("scan")
+    if isinstance(scan, dict):
+        out["flagged"] = scan.get("flagged")
+        ai = scan.get("anomaly_index")
+        out["anomaly_index"] = ai.tolist() if hasattr(ai, "tolist") else ai
+    if "error_gap" in measures:
+        e_clean = _triggered_error(model, attack, xc, yc, batch)
+        e_eval = _triggered_error(model, attack, xe, ye, batch)
+        out["error_gap"] = {"clean_set_error": e_clean, "eval_error": e_eval, "gap": abs(e_eval - e_clean)}
+    if feats_before is not None:
+        out["tsne"] = _tsne_record(feats_before, _features_both(model, attack, xe, ye, params), params)
+    return out
+
+
+def _fresh_like(params: dict[str, Any], num_classes: int, x) -> torch.nn.Module:
+    from .sources import build_model
+
+    torch.manual_seed(int(params.get("seed", 0)))
+    return build_model(params["model"], num_classes, x.shape[1], x.shape[-1])
+
+
+def _features_both(model, attack, xe, ye, params: dict[str, Any]) -> dict[str, Any]:
+    from ..models.features import features
+
+    n = int(params.get("tsne_images", 500))
+    g = torch.Generator().manual_seed(int(params.get("seed", 0)))
+    idx = torch.randperm(len(xe), generator=g)[:n]
+    x, y = xe[idx], ye[idx]
+    t = attack.target_of(y)
+    keep = t != y  # triggered images of non-target classes only
+    xt = attack.apply(x[keep])
+    return {"clean": features(model, x), "triggered": features(model, xt), "y": y, "y_triggered": y[keep]}
+
+
+def _tsne_record(before: dict[str, Any], after: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    seed = int(params.get("seed", 0))
+    rec: dict[str, Any] = {"labels": before["y"].tolist(), "labels_triggered": before["y_triggered"].tolist()}
+    for when, f in (("before", before), ("after", after)):
+        emb = _tsne(torch.cat([f["clean"], f["triggered"]]), seed)
+        rec[when] = {"clean": emb[: len(f["clean"])], "triggered": emb[len(f["clean"]):]}
+    return rec
+
+
+#: task name -> function(params, env) -> result
+TASKS: dict[str, Callable[[dict[str, Any], Env], dict[str, Any]]] = {"defend": run_defend}

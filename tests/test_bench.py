@@ -1,0 +1,284 @@
+"""The experiment grid: specs expand into cells, cells run and resume, the report reads them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ibau.bench import SpecError, expand, finished, is_common_file, load_experiment, load_results, run_grid
+from ibau.bench import data as bdata
+from ibau.bench.report import tsne_separation, write_report
+from ibau.bench.sources import ImageTrigger, model_cache_key
+
+TINY = """
+[experiment]
+name = "tiny"
+title = "Tiny digits grid"
+layout = "defense_table"
+columns = ["none", "ibau"]
+evidence_for = ["effective", "baselines_fail"]
+rows = {{ patch = "Patch" }}
+
+[models.patch]
+arch = "small_vgg"
+train = {{ attack = {{ name = "badnets", target = 0, patch = 2, margin = 1 }}, ratio = 0.2, size = 600, epochs = 3, batch_size = 64 }}
+
+[profiles.cpu]
+about = "tiny"
+dataset = "digits"
+models = ["patch"]
+defenses = ["none", "ibau"]
+seeds = {seeds}
+clean_size = 200
+stop_asr = 0.2
+settings.ibau = {{ rounds = 1, batch_size = 50, norm_bound = 2.5 }}
+
+[paper]
+"Patch/none" = [99.0, 100.0]
+"Patch/ibau" = [98.0, 5.0]
+"""
+
+
+def tiny(tmp_path: Path, seeds=(0,)) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(seeds=list(seeds)))
+    return path
+
+
+def spec(tmp_path: Path, text: str, name: str = "x.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# ----------------------------------------------------------------------------- spec
+def test_expand_product_zip_and_setting_axes(tmp_path):
+    path = spec(tmp_path, """
+        [experiment]
+        name = "e"
+        [models.a]
+        weights = "${data}/a.pth"
+        attack = { name = "badnets", target = 1 }
+        [models.b]
+        weights = "${data}/b.pth"
+        attack = { name = "badnets", target = 2 }
+        [profiles.p]
+        models = ["a", "b"]
+        defenses = ["ibau", "nad"]
+        seeds = [0, 1]
+        settings.ibau = { rounds = 2 }
+        axes = { "settings.ibau.norm_bound" = [1.0, 5.0] }
+        [profiles.z]
+        models = ["a"]
+        defenses = ["ibau"]
+        zip_axes = true
+        axes = { "protocol.clean_size" = [100, 50], "settings.ibau.rounds" = [1, 3] }
+    """)
+    exp = load_experiment(path)
+    cells = expand(exp, "p")
+    assert len(cells) == 2 * 2 * 2 * 2
+    assert len({c.key for c in cells}) == len(cells)
+    # the norm-bound axis reaches I-BAU's settings only; NAD cells get no such setting
+    ib = [c for c in cells if c.params["defense"] == "ibau"]
+    assert sorted({c.params["settings"]["norm_bound"] for c in ib}) == [1.0, 5.0]
+    assert all(c.params["settings"]["rounds"] == 2 for c in ib)
+    assert all("norm_bound" not in c.params["settings"] for c in cells if c.params["defense"] == "nad")
+    # defense-major order: every model of the first defense before the second defense
+    assert [c.params["defense"] for c in cells[:8]] == ["ibau"] * 8
+    z = expand(exp, "z")
+    assert [(c.params["protocol"]["clean_size"], c.params["settings"]["rounds"]) for c in z] == [(100, 1), (50, 3)]
+    # keys are a pure function of the settings: same file, same keys; a changed setting, a new key
+    assert [c.key for c in expand(load_experiment(path), "p")] == [c.key for c in cells]
+    path.write_text(path.read_text().replace("rounds = 2", "rounds = 3"))
+    changed = {c.key for c in expand(load_experiment(path), "p")}
+    assert changed & {c.key for c in cells} == {c.key for c in cells if c.params["defense"] == "nad"}
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[profiles.p]\nmodels = ['nope']\n", "model 'nope' is not defined"),
+    ("[profiles.p]\nmodel = ['a']\n", "unknown keys ['model']"),
+    ("[profiles.p]\nzip_axes = true\naxes = { a = [1, 2], b = [1] }\n", "zip_axes needs axes of equal length"),
+])
+def test_spec_errors(tmp_path, body, message):
+    path = spec(tmp_path, "[experiment]\nname = 'e'\n[models.a]\nweights = 'w'\n" + body)
+    with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        expand(load_experiment(path), "p")
+
+
+def test_unknown_profile(tmp_path):
+    with pytest.raises(SpecError, match="no profile 'q'; it has cpu"):
+        expand(load_experiment(tiny(tmp_path)), "q")
+
+
+def test_common_file_models_and_settings(tmp_path):
+    spec(tmp_path, """
+        [models.shared]
+        weights = "w.pth"
+        attack = { name = "badnets", target = 3 }
+        [settings.cpu.ibau]
+        rounds = 7
+        batch_size = 50
+    """, "common.toml")
+    path = spec(tmp_path, """
+        [experiment]
+        name = "e"
+        common = "common.toml"
+        [profiles.cpu]
+        models = ["shared"]
+        settings.ibau = { rounds = 2 }
+    """)
+    assert is_common_file(tmp_path / "common.toml") and not is_common_file(path)
+    (cell,) = expand(load_experiment(path), "cpu")
+    assert cell.params["model"]["attack"]["target"] == 3
+    assert cell.params["settings"] == {"rounds": 2, "batch_size": 50}  # the file's own setting wins
+
+
+# ----------------------------------------------------------------------------- data
+def test_protocol_split_arrays_layout_with_eval_mask(tmp_path):
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(folder / "x_test.npy", rng.integers(0, 255, (60, 4, 4, 3), dtype=np.uint8))
+    np.save(folder / "y_test.npy", np.arange(60) % 10)
+    mask = np.zeros(60, bool)
+    mask[:20] = True
+    np.save(folder / "test_eval.npy", mask)
+    bdata.load.cache_clear()
+    (xc, yc), (xe, ye) = bdata.protocol_split("cifar10", str(tmp_path), {"clean_size": 30, "split_seed": 0})
+    assert xc.shape == (30, 3, 4, 4) and xe.shape == (20, 3, 4, 4)
+    assert torch.equal(ye, torch.arange(20) % 10)  # the marked images measure, in order
+    (xs, _), _ = bdata.protocol_split("cifar10", str(tmp_path), {"clean_size": 10, "split_seed": 0})
+    assert torch.equal(xs, xc[:10])  # smaller clean sets are nested in larger ones (Table 5)
+    with pytest.raises(ValueError, match="leaves no evaluation"):
+        bdata.protocol_split("cifar10", str(tmp_path), {"clean_size": 41, "split_seed": 0})
+
+
+def test_protocol_split_without_mask_is_disjoint():
+    (xc, _), (xe, _) = bdata.protocol_split("digits", None, {"clean_size": 100, "split_seed": 1, "eval_size": 50})
+    assert len(xc) == 100 and len(xe) == 50
+    flat_c = {tuple(v.tolist()) for v in xc.flatten(1)}
+    assert not any(tuple(v.tolist()) in flat_c for v in xe.flatten(1))
+
+
+def test_image_trigger_and_cache_key(tmp_path):
+    from PIL import Image
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[6:, 6:] = 255
+    Image.fromarray(img).save(tmp_path / "t.png")
+    atk = ImageTrigger(image=str(tmp_path / "t.png"), target=4)
+    x = torch.zeros(2, 3, 8, 8)
+    out = atk.apply(x)
+    assert out[:, :, 6:, 6:].min() == 1 and out[:, :, :6].max() == 0
+    assert atk.target_of(torch.tensor([0, 1])).tolist() == [4, 4]
+    entry = {"train": {"attack": {"image": str(tmp_path / "t.png"), "target": 4}, "epochs": 1}}
+    k1 = model_cache_key(entry, "digits")
+    img[0, 0] = 7  # same path, other content: another model
+    Image.fromarray(img).save(tmp_path / "t.png")
+    assert model_cache_key(entry, "digits") != k1
+
+
+# ----------------------------------------------------------------------------- runner
+def test_grid_runs_caches_models_and_resumes(tmp_path, one_thread):
+    exp = load_experiment(tiny(tmp_path))
+    cells = expand(exp, "cpu")
+    res, cache = tmp_path / "res", tmp_path / "cache"
+    s = run_grid(cells, results=res, cache=cache, workers=0, progress=False, printer=None)
+    assert (s.done, s.skipped, s.failed) == (2, 0, 0)
+    recs = {r["params"]["defense"]: r for r in load_results(res, "tiny")}
+    none, ib = recs["none"]["result"], recs["ibau"]["result"]
+    assert none["before"]["asr"] > 0.5  # the planted backdoor works
+    assert none["source"]["cached"] is False and ib["source"]["cached"] is True  # trained once, reused
+    assert ib["before"] == none["before"]
+    assert len(ib["history"]) == 2 and ib["history"][1]["round"] == 1
+    for r in recs.values():
+        assert r["status"] == "ok" and r["params"]["seed"] == 0 and r["wall_seconds"] > 0
+        assert r["peak_rss_mb"] > 0 and r["environment"]["torch"] == torch.__version__
+    stamps = {p: p.stat().st_mtime_ns for p in (res / "tiny").glob("*.json")}
+    s2 = run_grid(cells, results=res, cache=cache, workers=0, progress=False, printer=None)
+    assert (s2.done, s2.skipped) == (0, 2)
+    assert {p: p.stat().st_mtime_ns for p in (res / "tiny").glob("*.json")} == stamps
+
+
+def test_failed_cell_is_recorded_and_retried(tmp_path, one_thread):
+    path = spec(tmp_path, """
+        [experiment]
+        name = "bad"
+        [models.m]
+        weights = "${data}/missing.pth"
+        attack = { name = "badnets", target = 0 }
+        requires = "make it first"
+        [profiles.cpu]
+        dataset = "digits"
+        clean_size = 100
+        defenses = ["none"]
+    """)
+    cells = expand(load_experiment(path), "cpu")
+    s = run_grid(cells, results=tmp_path / "r", cache=tmp_path / "c", data_dir=tmp_path, workers=0, progress=False,
+                 printer=None)
+    assert s.failed == 1 and not finished(tmp_path / "r", cells[0])
+    err = json.loads(next((tmp_path / "r" / "bad").glob("*.error.json")).read_text())
+    assert "weights not found" in err["error"] and "make it first" in err["error"]
+    assert run_grid(cells, results=tmp_path / "r", cache=tmp_path / "c", data_dir=tmp_path, workers=0,
+                    progress=False, printer=None).failed == 1  # tried again, not skipped
+
+
+def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):
+    """Kill the runner (and its worker processes) mid-grid, start it again: the grid
+    completes and the cells finished before the kill are not recomputed."""
+    config = tiny(tmp_path, seeds=(0, 1, 2))
+    res = tmp_path / "res"
+    cmd = [sys.executable, "-m", "ibau", "bench", "run", str(config), "--results", str(res), "--cache",
+           str(tmp_path / "cache"), "--workers", "1", "--threads", "1", "--order", "file", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and len(list((res / "tiny").glob("*-????????????.json"))) < 2:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (res / "tiny").glob("*.json")}
+    assert 2 <= len(done_before) < 6, "the grid must be cut mid-way"
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{6 - len(done_before)} cells run, {len(done_before)} already finished, 0 failed" in out.stdout
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (res / "tiny").glob("*.json")}
+    assert len(files) == 6
+    assert all(files[name] == stamp for name, stamp in done_before.items())  # untouched
+
+
+# ----------------------------------------------------------------------------- report
+def test_report_from_results(tmp_path, one_thread):
+    config = tiny(tmp_path)
+    exp = load_experiment(config)
+    res = tmp_path / "res"
+    run_grid(expand(exp, "cpu"), results=res, cache=tmp_path / "cache", workers=0, progress=False, printer=None)
+    out = write_report([exp], res, tmp_path / "REPORT.md", profile="cpu")
+    text = out.read_text()
+    rec = next(r for r in load_results(res, "tiny") if r["params"]["defense"] == "ibau")
+    a = rec["result"]["after"]
+    assert f"{100 * a['acc']:.1f} / {100 * a['asr']:.1f}" in text
+    assert "[paper 98 / 5]" in text and f"Δ {100 * a['acc'] - 98:+.1f}" in text
+    assert "2/2 cells finished" in text
+    assert "| I-BAU is effective" in text and ("**reproduced**" in text or "**not reproduced**" in text)
+    # a stale result (other settings) is not shown: change the setting, the cell is "not run"
+    config.write_text(config.read_text().replace("rounds = 1", "rounds = 2"))
+    text2 = write_report([load_experiment(config)], res, tmp_path / "R2.md", profile="cpu").read_text()
+    assert "1/2 cells finished" in text2 and "not run [paper 98 / 5]" in text2
+
+
+def test_tsne_separation_counts_nearest_true_centroid():
+    emb = {"clean": [[0, 0], [0, 1], [10, 10], [10, 11]], "triggered": [[0, 0.5], [9, 10], [1, 1]]}
+    assert tsne_separation(emb, [0, 0, 1, 1], [0, 1, 1]) == pytest.approx(2 / 3)
