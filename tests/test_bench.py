@@ -208,6 +208,13 @@ def test_grid_runs_caches_models_and_resumes(tmp_path, one_thread):
     s2 = run_grid(cells, results=res, cache=cache, workers=0, progress=False, printer=None)
     assert (s2.done, s2.skipped) == (0, 2)
     assert {p: p.stat().st_mtime_ns for p in (res / "tiny").glob("*.json")} == stamps
+    # a changed setting makes the old I-BAU file stale; prune removes exactly it
+    from ibau.bench.runner import stale_files
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(path.read_text().replace("rounds = 1", "rounds = 2"))
+    stale = stale_files([load_experiment(path)], res)
+    assert [p.name for p in stale] == [next(p.name for p in stamps if "-ibau-" in p.name)]
 
 
 def test_failed_cell_is_recorded_and_retried(tmp_path, one_thread):

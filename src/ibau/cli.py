@@ -561,9 +561,10 @@ def demo_cmd(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["run", "list", "report"],
+    p.add_argument("action", choices=["run", "list", "report", "prune"],
                    help="run: compute the missing cells; list: show the cells and which are done; "
-                        "report: write the reproduction report from the JSON results")
+                        "report: write the reproduction report from the JSON results; prune: delete result files "
+                        "of these experiments that no profile of the files produces any more (stale settings)")
     p.add_argument("configs", nargs="+", type=Path, help="experiment files (TOML), e.g. benchmarks/configs/*.toml")
     p.add_argument("--profile", default="cpu", help="which profile of each file (default: cpu)")
     p.add_argument("--results", type=Path, default=Path("bench-results"), help="folder of per-cell JSON results")
@@ -600,6 +601,13 @@ def bench_cmd(args: argparse.Namespace) -> int:
     if args.action == "list":
         for c in cells:
             print(f"{'done' if finished(args.results, c) else 'todo'}  {c.experiment}/{c.label}  {c.key}")
+        return 0
+    if args.action == "prune":
+        from .bench.runner import stale_files
+
+        for path in stale_files(exps, args.results):
+            path.unlink()
+            print(f"removed {path}")
         return 0
     if args.action == "report":
         from .bench.report import write_report

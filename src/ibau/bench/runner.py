@@ -28,7 +28,7 @@ from .spec import Cell, substitute
 #: the order of ``order="defense"``: no defense and I-BAU first, the slow searches last
 DEFENSE_ORDER = ["none", "ibau", "naive_uap", "fine_pruning", "dp", "nad", "deepinspect", "neural_cleanse", "tabor"]
 
-__all__ = ["DEFENSE_ORDER", "GridSummary", "cell_path", "finished", "run_cell", "run_grid"]
+__all__ = ["DEFENSE_ORDER", "GridSummary", "stale_files", "cell_path", "finished", "run_cell", "run_grid"]
 
 
 @dataclass
@@ -56,6 +56,22 @@ def finished(results: Path, cell: Cell) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return data.get("key") == cell.key and data.get("status") == "ok"
+
+
+def stale_files(experiments, results: str | os.PathLike) -> list[Path]:
+    """Result files (finished or failed) of these experiments whose key is no cell of any
+    of their profiles: left over from settings that have since changed."""
+    from .spec import expand
+
+    out = []
+    for exp in experiments:
+        keys = {c.key for prof in exp.profiles for c in expand(exp, prof)}
+        folder = Path(results) / exp.name
+        for f in sorted(folder.glob("*.json")) if folder.exists() else []:
+            stem = f.name[: -len(".error.json")] if f.name.endswith(".error.json") else f.name[: -len(".json")]
+            if stem.rsplit("-", 1)[-1] not in keys:
+                out.append(f)
+    return out
 
 
 def _peak_rss_mb() -> float | None:
