@@ -289,3 +289,17 @@ def test_report_from_results(tmp_path, one_thread):
 def test_tsne_separation_counts_nearest_true_centroid():
     emb = {"clean": [[0, 0], [0, 1], [10, 10], [10, 11]], "triggered": [[0, 0.5], [9, 10], [1, 1]]}
     assert tsne_separation(emb, [0, 0, 1, 1], [0, 1, 1]) == pytest.approx(2 / 3)
+
+
+def test_knn_agreement_true_class_vs_target_cluster():
+    from ibau.bench.tasks import knn_agreement
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.eye(3) * 10
+    y = torch.arange(3).repeat_interleave(20)
+    clean = centers[y] + 0.1 * torch.randn(60, 3, generator=g)
+    yt = torch.tensor([1, 2, 1, 2])
+    back = {"clean": clean, "y": y, "triggered": centers[yt] + 0.1, "y_triggered": yt}
+    stuck = {**back, "triggered": centers[torch.zeros(4, dtype=torch.long)] + 0.1}  # all in the target's cluster
+    assert knn_agreement(back) == {"triggered_true_class": 1.0, "clean_leave_one_out": 1.0, "k": 10}
+    assert knn_agreement(stuck)["triggered_true_class"] == 0.0

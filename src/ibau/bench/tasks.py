@@ -11,7 +11,9 @@ set (the paper's "time to take effect"), then the optional ``measures``:
   defense used versus on the unseen evaluation images; the gap is their absolute
   difference (the paper's "empirical error gap using the original trigger").
 * ``tsne`` (Figure 4): penultimate-layer features of evaluation images with and
-  without the trigger, before and after the defense, embedded in 2-D with t-SNE.
+  without the trigger, before and after the defense, embedded in 2-D with t-SNE, and
+  the share of triggered images whose nearest clean neighbours in feature space carry
+  their true class (:func:`knn_agreement`), which the figure shows qualitatively.
 """
 
 from __future__ import annotations
@@ -161,9 +163,27 @@ def _features_both(model, attack, xe, ye, params: dict[str, Any]) -> dict[str, A
     return {"clean": features(model, x), "triggered": features(model, xt), "y": y, "y_triggered": y[keep]}
 
 
+def knn_agreement(feats: dict[str, Any], k: int = 10) -> dict[str, float]:
+    """In the (penultimate) feature space: the share of triggered images whose ``k`` nearest
+    clean images mostly carry the triggered image's true class, and, as the ceiling, the
+    same leave-one-out share for the clean images themselves."""
+    clean, trig, y, yt = feats["clean"], feats["triggered"], feats["y"], feats["y_triggered"]
+    classes = int(max(int(y.max()), int(yt.max()) if len(yt) else 0)) + 1
+
+    def vote(dist: torch.Tensor) -> torch.Tensor:
+        idx = dist.topk(min(k, dist.shape[1]), largest=False).indices
+        return torch.nn.functional.one_hot(y[idx], classes).sum(1).argmax(1)
+
+    d_clean = torch.cdist(clean, clean)
+    d_clean.fill_diagonal_(float("inf"))
+    return {"triggered_true_class": float((vote(torch.cdist(trig, clean)) == yt).float().mean()) if len(yt) else 0.0,
+            "clean_leave_one_out": float((vote(d_clean) == y).float().mean()), "k": k}
+
+
 def _tsne_record(before: dict[str, Any], after: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     seed = int(params.get("seed", 0))
-    rec: dict[str, Any] = {"labels": before["y"].tolist(), "labels_triggered": before["y_triggered"].tolist()}
+    rec: dict[str, Any] = {"labels": before["y"].tolist(), "labels_triggered": before["y_triggered"].tolist(),
+                           "knn": {"before": knn_agreement(before), "after": knn_agreement(after)}}
     for when, f in (("before", before), ("after", after)):
         emb = _tsne(torch.cat([f["clean"], f["triggered"]]), seed)
         rec[when] = {"clean": emb[: len(f["clean"])], "triggered": emb[len(f["clean"]):]}
