@@ -246,6 +246,8 @@ def unlearn_cmd(args: argparse.Namespace) -> int:
     report = result.report
     report["inputs"] = {"weights": str(args.weights), "data": str(args.data),
                         "model": args.arch or args.model_def, "num_classes": classes}
+    if not is_main():  # torchrun: rank 0 writes
+        return 0
     if args.report_dir is not None:
         write_report_dir(args.report_dir, report, {k: v.numpy() for k, v in result.artifacts.items()},
                          force=args.force)
@@ -355,6 +357,8 @@ def defend_cmd(args: argparse.Namespace) -> int:
     report = result.report
     report["inputs"] = {"weights": str(args.weights) if args.weights else None, "data": str(args.data),
                         "model": args.arch or args.model_def, "num_classes": classes}
+    if not is_main():  # torchrun: rank 0 writes
+        return 0
     if result.artifacts:
         import numpy as np
 
@@ -489,6 +493,8 @@ def poison_cmd(args: argparse.Namespace) -> int:
             raise UsageError(f"attack {args.attack!r} cannot be used on these images: {exc}") from None
     record = poison_and_train(model, x, y, attack, ratio=args.ratio, config=config, seed=args.seed,
                               checkpoint=default_checkpoint(args.out), progress=not args.quiet, eval_data=eval_data)
+    if not is_main():  # torchrun: rank 0 writes
+        return 0
     save_weights(model, args.out, force=args.force, metadata={"producer": "ibau poison"})
     save_manifest(attack, manifest_path, extra={"weights": args.out.name, "data": str(args.data),
                                                 "training": record}, force=args.force)
@@ -628,12 +634,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_main() -> bool:
+    from .distributed import is_main as main_rank
+
+    return main_rank()
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run a command as one rank of a torchrun job: join the process group (gloo on CPU,
+    NCCL with one GPU per rank), keep ranks other than 0 quiet, leave the group after."""
+    import contextlib
+    import os
+
+    from .distributed import init_from_env, shutdown
+
+    requested = getattr(args, "device", None)
+    comm, device = init_from_env(None if requested in (None, "auto") else _device(requested))
+    if hasattr(args, "device"):
+        args.device = str(device)
+    try:
+        if comm is not None and comm.rank != 0:
+            if hasattr(args, "quiet"):
+                args.quiet = True
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                return COMMANDS[args.command][2](args)
+        return COMMANDS[args.command][2](args)
+    finally:
+        shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
+    from .distributed import launched
     from .io import WeightsError
 
     args = build_parser().parse_args(argv)
     try:
+        if launched():  # torchrun --nproc-per-node N -m ibau ...
+            return _launch(args)
         return COMMANDS[args.command][2](args)
     except (UsageError, DataError, WeightsError, FileExistsError, ImportError) as exc:
         print(f"ibau: error: {exc}", file=sys.stderr)
