@@ -302,7 +302,7 @@ def _list_defenses() -> str:
 
 
 @command("defend", "run any defense of the registry (I-BAU, Neural Cleanse, TABOR, DeepInspect, Fine-pruning, NAD, "
-         "DP-SGD) on a model", _defend_args)
+         "DP-SGD, the naive UAP heuristic) on a model", _defend_args)
 def defend_cmd(args: argparse.Namespace) -> int:
     from .defend import check_settings, defend
     from .defenses import DEFENSES

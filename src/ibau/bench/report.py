@@ -497,7 +497,79 @@ def verdicts(recs_by_exp: dict[str, list[dict]], exps: dict[str, Experiment], pr
                         f"mean over rounds of the ASR s.d. across seeds: I-BAU {100 * sd['ibau']:.1f}, naive "
                         f"{100 * sd['naive_uap']:.1f} points; final mean ASR: I-BAU {100 * final['ibau']:.1f}%, naive "
                         f"{100 * final['naive_uap']:.1f}%"))
+    out += _figure_verdicts(recs_by_exp, exps)
     return out
+
+
+def _figure_verdicts(recs_by_exp: dict[str, list[dict]], exps: dict[str, Experiment]) -> list[tuple[str, str, str]]:
+    """Verdicts for the experiments whose file declares ``verdict = "..."`` (one rule per layout)."""
+    out = []
+    for name, e in exps.items():
+        rule = VERDICT_RULES.get(e.meta.get("verdict", ""))
+        if rule is None:
+            continue
+        recs = recs_by_exp.get(name, [])
+        claim = f"{e.meta.get('claim', e.title)} ({e.title.split(':')[0]})"
+        out.append((claim, *rule(e, recs)) if recs else (claim, "not run", "no cells"))
+    return out
+
+
+def _bound_rule(e: Experiment, recs: list[dict]) -> tuple[str, str]:
+    axis = e.meta.get("axis", "settings.ibau.norm_bound")
+    by: dict[Any, list[dict]] = defaultdict(list)
+    for r in recs:
+        by[r["params"]["axes"].get(axis)].append(r)
+    asr = {k: _mean_sd([x["result"]["after"]["asr"] for x in v])[0] for k, v in by.items()}
+    big = [k for k in asr if k == "none" or (isinstance(k, (int, float)) and k >= 10)]
+    small = [k for k in asr if isinstance(k, (int, float)) and k < 1]
+    ok_big = all(asr[k] < EFFECTIVE_ASR for k in big)
+    ok_small = all(asr[k] >= EFFECTIVE_ASR for k in small)
+    text = ", ".join(f"bound {k}: ASR {100 * v:.1f}%" for k, v in asr.items())
+    return ("reproduced" if ok_big and ok_small and big else "partly reproduced" if ok_big or ok_small else
+            "not reproduced"), text
+
+
+def _tsne_rule(e: Experiment, recs: list[dict]) -> tuple[str, str]:
+    t = recs[0]["result"].get("tsne")
+    if not t:
+        return "not run", "no embedding"
+    sb = tsne_separation(t["before"], t["labels"], t["labels_triggered"])
+    sa = tsne_separation(t["after"], t["labels"], t["labels_triggered"])
+    verdict = "reproduced" if sa > sb + 0.2 and sa > 0.5 else ("partly reproduced" if sa > sb else "not reproduced")
+    return verdict, (f"triggered images nearest their true class's centroid: {100 * sb:.0f}% before, "
+                     f"{100 * sa:.0f}% after one round")
+
+
+def _rounds_rule(e: Experiment, recs: list[dict]) -> tuple[str, str]:
+    parts, good = [], 0
+    for r in recs:
+        h = r["result"]["history"]
+        first = next((i for i, x in enumerate(h) if i and x["asr"] < EFFECTIVE_ASR), None)
+        worst = max(h[-1].get("asr_per_trigger", [h[-1]["asr"]]))
+        ok = first is not None and h[0]["acc"] - h[first]["acc"] <= MAX_ACC_DROP
+        good += ok
+        parts.append(f"{_row(e, r)}: ASR {100 * h[0]['asr']:.0f}% → {100 * h[-1]['asr']:.0f}% in {len(h) - 1} rounds"
+                     + (f" (< 20% at round {first}, ACC {100 * h[first]['acc']:.1f}%)" if first is not None else
+                        " (never < 20%)") + (f", worst trigger {100 * worst:.0f}%" if "asr_per_trigger" in h[-1] else ""))
+    return _verdict(len(recs), good), "; ".join(parts)
+
+
+def _gap_rule(e: Experiment, recs: list[dict]) -> tuple[str, str]:
+    by: dict[str, list[float]] = defaultdict(list)
+    for r in recs:
+        if "error_gap" in r["result"]:
+            by[_row(e, r)].append(r["result"]["error_gap"]["gap"])
+    order = [row for row in e.meta.get("gap_order", []) if row in by] or list(by)
+    means = [_mean_sd(by[row])[0] for row in order]
+    small = all(m < 0.01 for m in means)
+    falling = all(a >= b for a, b in zip(means, means[1:]))
+    text = ", ".join(f"{row}: {100 * m:.2f} pts" for row, m in zip(order, means))
+    return ("reproduced" if small and falling else "partly reproduced" if small or falling else "not reproduced"), text
+
+
+VERDICT_RULES: dict[str, Callable[[Experiment, list[dict]], tuple[str, str]]] = {
+    "norm_bound": _bound_rule, "tsne": _tsne_rule, "rounds": _rounds_rule, "error_gap": _gap_rule,
+}
 
 
 def _verdict(n: int, ok: int) -> str:
@@ -507,12 +579,41 @@ def _verdict(n: int, ok: int) -> str:
 
 
 # ----------------------------------------------------------------------------- document
+def _report_order(e: Experiment) -> tuple[int, int, str]:
+    import re
+
+    m = re.match(r"(table|fig)(\d+)", e.name)
+    return (0 if e.name.startswith("table") else 1, int(m.group(2)) if m else 99, e.name)
+
+
+DEVIATIONS = [
+    "Data: the `paper` profiles use the paper's sizes; the `cpu` profiles shrink the clean set, the evaluation set, "
+    "the budgets and the number of seeds, and use weaker CPU-trained models where the authors released none — "
+    "each file's `about` below says how. A `cpu` number is evidence about the method at that scale, not a "
+    "re-measurement of the paper's cell.",
+    "CIFAR-10 test images: 1,000 are lossless (they measure ACC/ASR); the other 9,000 are a JPEG-75 copy, used "
+    "only as the defender's clean set.",
+    "Stopping: every defense stops at its first point with ASR < 20% (Tables 1-5, 7-8). The paper instead shows "
+    "I-BAU \"when the ACC falls to the same level as the most effective baseline\" (Table 1) and after 100 rounds "
+    "on GTSRB (Table 2), so our I-BAU cells are at an earlier, usually higher-ACC, point.",
+    "I-BAU: the l2 projection is on (the authors' command-line script leaves it off), at least one image per "
+    "outer batch is perturbed, and the perturbed images are drawn from a seeded generator (see `ibau.IBAU`).",
+    "Triggers of the released models are the authors' trigger images, read only to measure ASR; models the "
+    "runner trains use the package's own triggers (or those images where the config names them).",
+    "Naive heuristic (Figure 1): the paper gives no settings; ours shares I-BAU's and replaces the implicit "
+    "hypergradient by the plain gradient at a projected-gradient universal perturbation (`ibau.defenses.NaiveUAP`).",
+    "Error gap (Tables 7-8): error = triggered image not classified as its true label, on the clean set I-BAU "
+    "used versus on unseen test images; the paper does not define the error further.",
+]
+
+
 def write_report(experiments: list[Experiment], results: str | Path, out: str | Path, *, profile: str = "cpu",
                  command: str | None = None) -> Path:
     """Write the markdown report (and its figures in ``OUT_STEM_figures/``)."""
     from ..io import atomic_write
 
     results, out = Path(results), Path(out)
+    experiments = sorted(experiments, key=_report_order)
     fig_dir = out.parent / f"{out.stem}_figures"
     exps = {e.name: e for e in experiments}
     recs_by_exp = {e.name: collect(e, results, profile) for e in experiments}
@@ -534,7 +635,9 @@ def write_report(experiments: list[Experiment], results: str | Path, out: str | 
              "first point (I-BAU round, epoch...) with ASR < 20% where the experiment says `stop_asr`, else it runs "
              "its budget. Times exclude evaluation.",
              "- Each experiment below states its profile's sizes and deviations from the paper (`about`), verbatim "
-             "from its config file.", "",
+             "from its config file.", "", "Deviations from the paper that hold throughout:", ""]
+    lines += [f"- {d}" for d in DEVIATIONS]
+    lines += ["",
              "## Verdicts on the paper's claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
     for claim, verdict, evidence in verdicts(recs_by_exp, exps, profile):
         lines.append(f"| {claim} | **{verdict}** | {evidence} |")
