@@ -139,3 +139,43 @@ def test_single_process_ignores_distributed_and_rejects_forcing_it(one_thread):
     assert current() is None
     with pytest.raises(ValueError, match="torchrun"):
         IBAU(rounds=1, distributed=True, progress=False).fit(_vgg(), x, y)
+
+
+def test_torchrun_unlearn_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m ibau unlearn` (gloo, loopback) writes what one process writes."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from ibau.demo import load_digits_tensors
+    from ibau.io import save_weights
+
+    x, y = load_digits_tensors()
+    np.savez(tmp_path / "clean.npz", x=x[:450].numpy(), y=y[:450].numpy())
+    (tmp_path / "net.py").write_text("from ibau.models import SmallVGG\n\n\ndef build(num_classes=10):\n"
+                                     "    return SmallVGG(num_classes, in_channels=1, image_size=8)\n")
+    save_weights(_vgg(), tmp_path / "m.safetensors")
+    common = ["-m", "ibau", "unlearn", "--model-def", f"{tmp_path / 'net.py'}:build", "--weights",
+              str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "clean.npz"), "--rounds", "1",
+              "--norm-bound", "2", "--perturb-fraction", "0.05", "--outer-optimizer", "sgd", "--outer-lr", "0.05",
+              "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dist_run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-addr", "127.0.0.1", "--master-port", str(_free_port())] + common +
+                              ["--out", str(tmp_path / "d.safetensors"), "--report", str(tmp_path / "d.json")],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert dist_run.returncode == 0, dist_run.stdout + dist_run.stderr
+    assert dist_run.stdout.count("sanitised weights:") == 1  # rank 0 alone prints and writes
+    one = subprocess.run([sys.executable] + common + ["--out", str(tmp_path / "s.safetensors"), "--report",
+                                                      str(tmp_path / "s.json")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert one.returncode == 0, one.stdout + one.stderr
+    a, b = json.loads((tmp_path / "d.json").read_text()), json.loads((tmp_path / "s.json").read_text())
+    for key in ("clean_accuracy_before", "clean_accuracy_after", "holdout_size", "clean_set_size"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert a["history"][0]["outer_loss"] == pytest.approx(b["history"][0]["outer_loss"], rel=1e-5)
+    wa, wb = load_file(tmp_path / "d.safetensors"), load_file(tmp_path / "s.safetensors")
+    _close(wa, wb, atol=1e-5)

@@ -435,6 +435,7 @@ def _poison_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=defaults.epochs, help=f"(default: {defaults.epochs})")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"(default: {defaults.batch_size})")
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"(default: {defaults.lr})")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: a GPU if there is one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="poisoned weights (.safetensors); the manifest goes beside it")
     p.add_argument("--force", action="store_true")
@@ -474,12 +475,12 @@ def poison_cmd(args: argparse.Namespace) -> int:
     x, y = subset(x, y, args.subset, args.seed)
     eval_spec = args.eval_data or (args.data if args.data in ("cifar10", "gtsrb") else None)
     eval_data = load_dataset(eval_spec, data_dir=args.data_dir, split="test") if eval_spec else None
-    model = _build_model(args, int(y.max()))
+    model = _build_model(args, int(y.max())).to(_device(args.device))
     check_dataset(x, y, num_classes=_output_dim(model, x))
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     if getattr(attack, "needs_model", False) or any(getattr(a, "needs_model", False)
                                                     for a in getattr(attack, "attacks", [])):
-        ref = _build_model(args, int(y.max()))
+        ref = _build_model(args, int(y.max())).to(_device(args.device))
         if args.trigger_weights:
             load_weights(ref, args.trigger_weights)
         else:
@@ -575,7 +576,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=Path("bench-results"), help="folder of per-cell JSON results")
     p.add_argument("--cache", type=Path, default=Path("bench-cache"), help="folder of trained poisoned models")
     p.add_argument("--data-dir", type=Path, help="datasets and released models (${data} in the files)")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (0: run in this process)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel processes (0: run in this process); with --ray local: the local Ray instance's CPUs")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run the cells on a Ray cluster: its address (auto, ray://host:10001) or 'local' for a Ray "
+                        "instance started here with --workers CPUs; needs pip install 'ibau[ray]'")
     p.add_argument("--threads", type=int, help="torch threads per cell (default: CPUs / workers)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", nargs="*", help="run only these experiments (names)")
@@ -616,7 +621,7 @@ def bench_cmd(args: argparse.Namespace) -> int:
         return 0
     summary = run_grid(cells, results=args.results, cache=args.cache, data_dir=args.data_dir, workers=args.workers,
                        device=args.device, threads=args.threads, progress=not args.quiet, limit=args.limit,
-                       order=args.order, printer=None if args.quiet else print)
+                       order=args.order, ray=args.ray, printer=None if args.quiet else print)
     print(f"{summary.done} cells run, {summary.skipped} already finished, {summary.failed} failed "
           f"({summary.seconds:.0f} s)")
     return 1 if summary.failed else 0
