@@ -246,6 +246,8 @@ def unlearn_cmd(args: argparse.Namespace) -> int:
     report = result.report
     report["inputs"] = {"weights": str(args.weights), "data": str(args.data),
                         "model": args.arch or args.model_def, "num_classes": classes}
+    if not is_main():  # torchrun: rank 0 writes
+        return 0
     if args.report_dir is not None:
         write_report_dir(args.report_dir, report, {k: v.numpy() for k, v in result.artifacts.items()},
                          force=args.force)
@@ -355,6 +357,8 @@ def defend_cmd(args: argparse.Namespace) -> int:
     report = result.report
     report["inputs"] = {"weights": str(args.weights) if args.weights else None, "data": str(args.data),
                         "model": args.arch or args.model_def, "num_classes": classes}
+    if not is_main():  # torchrun: rank 0 writes
+        return 0
     if result.artifacts:
         import numpy as np
 
@@ -431,6 +435,7 @@ def _poison_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=defaults.epochs, help=f"(default: {defaults.epochs})")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"(default: {defaults.batch_size})")
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"(default: {defaults.lr})")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: a GPU if there is one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="poisoned weights (.safetensors); the manifest goes beside it")
     p.add_argument("--force", action="store_true")
@@ -470,12 +475,12 @@ def poison_cmd(args: argparse.Namespace) -> int:
     x, y = subset(x, y, args.subset, args.seed)
     eval_spec = args.eval_data or (args.data if args.data in ("cifar10", "gtsrb") else None)
     eval_data = load_dataset(eval_spec, data_dir=args.data_dir, split="test") if eval_spec else None
-    model = _build_model(args, int(y.max()))
+    model = _build_model(args, int(y.max())).to(_device(args.device))
     check_dataset(x, y, num_classes=_output_dim(model, x))
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     if getattr(attack, "needs_model", False) or any(getattr(a, "needs_model", False)
                                                     for a in getattr(attack, "attacks", [])):
-        ref = _build_model(args, int(y.max()))
+        ref = _build_model(args, int(y.max())).to(_device(args.device))
         if args.trigger_weights:
             load_weights(ref, args.trigger_weights)
         else:
@@ -489,6 +494,8 @@ def poison_cmd(args: argparse.Namespace) -> int:
             raise UsageError(f"attack {args.attack!r} cannot be used on these images: {exc}") from None
     record = poison_and_train(model, x, y, attack, ratio=args.ratio, config=config, seed=args.seed,
                               checkpoint=default_checkpoint(args.out), progress=not args.quiet, eval_data=eval_data)
+    if not is_main():  # torchrun: rank 0 writes
+        return 0
     save_weights(model, args.out, force=args.force, metadata={"producer": "ibau poison"})
     save_manifest(attack, manifest_path, extra={"weights": args.out.name, "data": str(args.data),
                                                 "training": record}, force=args.force)
@@ -570,7 +577,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=Path("bench-results"), help="folder of per-cell JSON results")
     p.add_argument("--cache", type=Path, default=Path("bench-cache"), help="folder of trained poisoned models")
     p.add_argument("--data-dir", type=Path, help="datasets and released models (${data} in the files)")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (0: run in this process)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel processes (0: run in this process); with --ray local: the local Ray instance's CPUs")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run the cells on a Ray cluster: its address (auto, ray://host:10001) or 'local' for a Ray "
+                        "instance started here with --workers CPUs; needs pip install 'ibau[ray]'")
     p.add_argument("--threads", type=int, help="torch threads per cell (default: CPUs / workers)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", nargs="*", help="run only these experiments (names)")
@@ -618,7 +629,7 @@ def bench_cmd(args: argparse.Namespace) -> int:
         return 0
     summary = run_grid(cells, results=args.results, cache=args.cache, data_dir=args.data_dir, workers=args.workers,
                        device=args.device, threads=args.threads, progress=not args.quiet, limit=args.limit,
-                       order=args.order, printer=None if args.quiet else print)
+                       order=args.order, ray=args.ray, printer=None if args.quiet else print)
     print(f"{summary.done} cells run, {summary.skipped} already finished, {summary.failed} failed "
           f"({summary.seconds:.0f} s)")
     return 1 if summary.failed else 0
@@ -636,12 +647,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_main() -> bool:
+    from .distributed import is_main as main_rank
+
+    return main_rank()
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run a command as one rank of a torchrun job: join the process group (gloo on CPU,
+    NCCL with one GPU per rank), keep ranks other than 0 quiet, leave the group after."""
+    import contextlib
+    import os
+
+    from .distributed import init_from_env, shutdown
+
+    requested = getattr(args, "device", None)
+    comm, device = init_from_env(None if requested in (None, "auto") else _device(requested))
+    if hasattr(args, "device"):
+        args.device = str(device)
+    try:
+        if comm is not None and comm.rank != 0:
+            if hasattr(args, "quiet"):
+                args.quiet = True
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                return COMMANDS[args.command][2](args)
+        return COMMANDS[args.command][2](args)
+    finally:
+        shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
+    from .distributed import launched
     from .io import WeightsError
 
     args = build_parser().parse_args(argv)
     try:
+        if launched():  # torchrun --nproc-per-node N -m ibau ...
+            return _launch(args)
         return COMMANDS[args.command][2](args)
     except (UsageError, DataError, WeightsError, FileExistsError, ImportError) as exc:
         print(f"ibau: error: {exc}", file=sys.stderr)

@@ -114,6 +114,7 @@ def implicit_grad(
     solver: str = "fixed_point",
     iters: int = 5,
     tol: float = 1e-10,
+    reduce: Callable[[TensorList], TensorList] | None = None,
 ) -> TensorList:
     """Hypergradient ``d outer_loss / d outer`` through the implicit function theorem.
 
@@ -128,6 +129,12 @@ def implicit_grad(
         iters: fixed-point iterations K (the K-term Neumann sum), or CG steps.
         tol: early stop when successive iterates (fixed point) or the residual (CG)
             are closer than this in l2 norm.
+        reduce: data parallelism (:mod:`ibau.distributed`): when each process passes
+            its share of ``outer_loss`` and ``fp_map`` (terms that sum to the global
+            ones), ``reduce`` sums inner-sized vectors over processes -- the outer
+            loss's inner gradient and every product ``(dPhi/dw)^T v`` -- so all
+            processes solve the same linear system; the returned outer gradient is
+            still this process's share (sum it over processes too).
 
     Returns:
         One tensor per entry of ``outer``. ``.grad`` is never written.
@@ -155,8 +162,10 @@ def implicit_grad(
             raise ValueError(f"fp_map returned {len(mapped)} tensors for {n_in} inner tensors")
 
         def jvp_t(v: TensorList) -> TensorList:  # (dPhi/dw)^T v
-            return _grads(mapped, inner, v, retain_graph=True)
+            out = _grads(mapped, inner, v, retain_graph=True)
+            return out if reduce is None else reduce(out)
 
-        v = solve(jvp_t, [g.detach() for g in g_inner], iters, tol)
+        rhs = [g.detach() for g in g_inner]
+        v = solve(jvp_t, rhs if reduce is None else reduce(rhs), iters, tol)
         mixed = _grads(mapped, outer, v)
     return [go + m for go, m in zip(g_outer, mixed)]

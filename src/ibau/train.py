@@ -41,7 +41,7 @@ def _as_set(data):
 
 
 def train(model: nn.Module, data, config: TrainConfig = TrainConfig(), *, checkpoint: str | os.PathLike | None = None,
-          progress: bool = True, desc: str = "training") -> nn.Module:
+          progress: bool = True, desc: str = "training", distributed: bool | None = None) -> nn.Module:
     """Train ``model`` on ``data`` (a ``(x, y)`` pair or any set with ``__len__`` and
     ``batch(idx)``, e.g. :class:`ibau.data.poison.PoisonedSet`).
 
@@ -50,11 +50,33 @@ def train(model: nn.Module, data, config: TrainConfig = TrainConfig(), *, checkp
     after the last finished epoch (giving the same weights as an uninterrupted run).
     The checkpoint is deleted when training completes. Dropout draws from a generator
     seeded by ``config.seed`` too.
+
+    Under a ``torch.distributed`` group of several processes (``torchrun``; ``distributed``
+    ``None`` = when there is one, ``False`` = never) the model is wrapped in
+    ``DistributedDataParallel``. Sampling is distributed: every process draws the same
+    seeded permutation and takes its contiguous part of each global batch of
+    ``config.batch_size``; each loss is weighted by its part's size so that DDP's
+    averaged gradient is the global batch's mean gradient. Without BatchNorm in training
+    mode or dropout this gives one process's result up to float rounding (BatchNorm
+    statistics are per process, dropout masks differ by process). A last batch with
+    fewer images than processes is skipped. Only rank 0 writes the checkpoint and
+    shows progress.
     """
     from tqdm.auto import tqdm
 
+    from .distributed import current, shard_slice
+
     data = _as_set(data)
     device = model_device(model)
+    comm = None if distributed is False else current()
+    if distributed and comm is None:
+        raise ValueError("distributed=True needs an initialised torch.distributed group of several processes")
+    net: nn.Module = model
+    if comm is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        progress = progress and comm.rank == 0
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     g = torch.Generator().manual_seed(config.seed)
     start = 0
@@ -77,21 +99,35 @@ def train(model: nn.Module, data, config: TrainConfig = TrainConfig(), *, checkp
         perm = torch.randperm(len(data), generator=g)
         total = 0.0
         for i in range(0, len(data), config.batch_size):
-            xb, yb = data.batch(perm[i:i + config.batch_size])
-            loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
+            idx = perm[i:i + config.batch_size]
+            scale = 1.0
+            if comm is not None:
+                if len(idx) < comm.world:
+                    continue
+                n = len(idx)
+                idx = idx[shard_slice(n, comm.rank, comm.world)]
+                scale = len(idx) * comm.world / n  # DDP averages over processes
+            xb, yb = data.batch(idx)
+            loss = F.cross_entropy(net(xb.to(device)), yb.to(device))
             opt.zero_grad()
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             opt.step()
             total += float(loss.detach()) * len(yb)
+        if comm is not None:
+            total = comm.sum_float(total, device)
         bar.set_postfix(loss=f"{total / len(data):.3f}")
-        if ckpt is not None:
+        if ckpt is not None and (comm is None or comm.rank == 0):
             from .io import atomic_write
 
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(),
                      "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "config": config.as_dict()}
             atomic_write(ckpt, lambda tmp: torch.save(state, tmp), force=True)
     model.eval()
-    if ckpt is not None and ckpt.exists():
+    if comm is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # nobody deletes the checkpoint while another process may still read it
+    if ckpt is not None and ckpt.exists() and (comm is None or comm.rank == 0):
         ckpt.unlink()
     return model
 

@@ -62,6 +62,16 @@ def split_holdout(n: int, holdout: float | int, seed: int) -> tuple[Tensor, Tens
     return perm[k:].sort().values, perm[:k].sort().values
 
 
+def _accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Clean accuracy; under torchrun each process counts its shard and the counts are summed."""
+    from .distributed import count_correct, current
+
+    if current() is None:
+        return clean_accuracy(net, x, y)
+    correct, total = count_correct(net, x, y)
+    return correct / total
+
+
 def unlearn(
     model: nn.Module,
     x: Tensor,
@@ -127,7 +137,7 @@ def unlearn(
                                       passes=robustness_passes, batch_size=defense.batch_size, seed=seed)
         return res.as_dict(), delta
 
-    acc_before = clean_accuracy(net, x_hold, y_hold)
+    acc_before = _accuracy(net, x_hold, y_hold)
     rob_before, udelta_before = robustness(net)
     sample_x = x_hold[:samples]
     preds_before = {"clean": predict(net, sample_x), "perturbed": predict(net, sample_x + udelta_before)}
@@ -137,7 +147,7 @@ def unlearn(
     kept: dict[str, Any] = {"rate": float("inf"), "state": None}
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        rec = {"holdout_accuracy": clean_accuracy(defense.wrap(m), x_hold, y_hold)}
+        rec = {"holdout_accuracy": _accuracy(defense.wrap(m), x_hold, y_hold)}
         if rounds == "auto":
             rate = robustness(defense.wrap(m))[0]["success_rate"]
             rec["universal_success_rate"] = rate
@@ -173,7 +183,7 @@ def unlearn(
             model.load_state_dict(kept["state"])  # the last round made it worse: keep the best one
             kept_round = best_round
             stop_reason += f"; kept the weights of round {best_round}, the most robust"
-    acc_after = clean_accuracy(net, x_hold, y_hold)
+    acc_after = _accuracy(net, x_hold, y_hold)
     rob_after, udelta_after = robustness(net)
     preds_after = {"clean": predict(net, sample_x), "perturbed_before_delta": predict(net, sample_x + udelta_before)}
     warnings = []

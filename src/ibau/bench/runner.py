@@ -83,21 +83,18 @@ def _peak_rss_mb() -> float | None:
     return kb / 1024 if os.uname().sysname != "Darwin" else kb / 2**20
 
 
-def run_cell(cell_dict: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-    """Run one cell and write its file; returns a short status. (Top-level so that a
-    child process can run it.)"""
+def compute_cell(cell_dict: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Run one cell and return its record (nothing is written: a Ray worker on another
+    machine runs this; the driver writes the file)."""
     import torch
 
     from .. import __version__
-    from ..io import write_json
     from ..utils import environment
     from .tasks import TASKS, Env
 
     if env.get("threads"):
         torch.set_num_threads(int(env["threads"]))
     cell = Cell(cell_dict["experiment"], cell_dict["params"], key=cell_dict["key"], label=cell_dict["label"])
-    results = Path(env["results"])
-    path = cell_path(results, cell)
     variables = {"data": str(env.get("data_dir") or ""), "cache": str(env["cache"])}
     params = substitute(cell.params, variables)
     record: dict[str, Any] = {**cell.as_dict(), "ibau_version": __version__, "git": env.get("git"),
@@ -111,17 +108,34 @@ def run_cell(cell_dict: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # the grid goes on; the error is recorded and retried next run
         record.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
                       wall_seconds=time.perf_counter() - t0)
-        write_json(record, path.with_name(path.name[: -len(".json")] + ".error.json"), force=True)
-        return {"key": cell.key, "label": cell.label, "status": "error", "error": record["error"]}
+        return record
     record.update(status="ok", result=result, wall_seconds=time.perf_counter() - t0,
                   peak_rss_mb=_peak_rss_mb(), peak_rss_scope="process" if env.get("in_process") else "cell")
     if torch.cuda.is_available() and str(env.get("device", "")).startswith("cuda"):
         record["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    write_json(record, path, force=True)
+    return record
+
+
+def write_record(results: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write a cell's record (``.error.json`` for a failure) atomically; a short status back."""
+    from ..io import write_json
+
+    cell = Cell(record["experiment"], record["params"], key=record["key"], label=record["label"])
+    path = cell_path(Path(results), cell)
     err = path.with_name(path.name[: -len(".json")] + ".error.json")
+    if record["status"] != "ok":
+        write_json(record, err, force=True)
+        return {"key": cell.key, "label": cell.label, "status": "error", "error": record["error"]}
+    write_json(record, path, force=True)
     if err.exists():
         err.unlink()
     return {"key": cell.key, "label": cell.label, "status": "ok", "wall_seconds": record["wall_seconds"]}
+
+
+def run_cell(cell_dict: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Run one cell and write its file; returns a short status. (Top-level so that a
+    child process can run it.)"""
+    return write_record(Path(env["results"]), compute_cell(cell_dict, env))
 
 
 def _git_version() -> str | None:
@@ -138,7 +152,8 @@ def _git_version() -> str | None:
 
 def run_grid(cells: list[Cell], *, results: str | os.PathLike, cache: str | os.PathLike,
              data_dir: str | os.PathLike | None = None, workers: int = 1, device: str = "cpu",
-             threads: int | None = None, progress: bool = True, printer=print, limit: int | None = None, order: str = "file") -> GridSummary:
+             threads: int | None = None, progress: bool = True, printer=print, limit: int | None = None,
+             order: str = "file", ray: str | None = None) -> GridSummary:
     """Run every cell that has no result file yet.
 
     Args:
@@ -151,6 +166,11 @@ def run_grid(cells: list[Cell], *, results: str | os.PathLike, cache: str | os.P
         limit: run at most this many cells (then stop; the rest on a later run).
         order: ``"file"`` (as expanded) or ``"defense"`` (every cell of the cheap methods
             first, in :data:`DEFENSE_ORDER`; the order does not change any result).
+        ray: dispatch the cells to a Ray cluster: its address (``"auto"``, ``"ray://host:10001"``)
+            or ``"local"`` for a Ray instance started here with ``workers`` CPUs. Each
+            cell asks Ray for ``threads`` CPUs; the workers must see the data and cache
+            folders at the same paths; this process writes the result files, so the
+            resume is the same as the local runner's.
     """
     from tqdm.auto import tqdm
 
@@ -172,7 +192,8 @@ def run_grid(cells: list[Cell], *, results: str | os.PathLike, cache: str | os.P
     if not todo:
         return summary
     ncpu = os.cpu_count() or 1
-    env = {"results": str(results), "cache": str(cache), "data_dir": str(data_dir) if data_dir else None,
+    env = {"results": str(results.resolve()), "cache": str(cache.resolve()),
+           "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
            "device": device, "threads": threads or max(1, ncpu // max(1, workers)), "git": _git_version(),
            "progress": False, "in_process": workers == 0}
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
@@ -187,7 +208,9 @@ def run_grid(cells: list[Cell], *, results: str | os.PathLike, cache: str | os.P
         bar.set_postfix_str(status["label"][:40])
         bar.update()
 
-    if workers == 0:
+    if ray is not None:
+        _run_on_ray(todo, env, ray, workers, note, results)
+    elif workers == 0:
         for c in todo:
             note(run_cell(c.as_dict(), env))
     else:
@@ -208,3 +231,31 @@ def run_grid(cells: list[Cell], *, results: str | os.PathLike, cache: str | os.P
     bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _run_on_ray(todo: list[Cell], env: dict[str, Any], address: str, workers: int, note, results: Path) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("--ray needs Ray: pip install 'ibau[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        if address == "local":
+            ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=int(env["threads"]), max_retries=0)(compute_cell)
+        env = {**env, "in_process": False}
+        pending = {task.remote(c.as_dict(), env): c for c in todo}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                c = pending.pop(ref)
+                try:
+                    note(write_record(results, ray.get(ref)))
+                except Exception as exc:  # the worker died
+                    note({"label": c.label, "status": "error", "error": f"Ray task failed: {exc!r}"})
+    finally:
+        if started:
+            ray.shutdown()

@@ -104,7 +104,15 @@ class IBAU(Defense):
         fold_bn: compute through an eval-mode view with each BatchNorm folded into
             the convolution before it (:func:`ibau.models.fuse.fold_batchnorm`): the
             same gradients on the same parameters, about 1.6x faster outer steps on CPU.
-        progress: show progress bars (tqdm) on stderr.
+        distributed: data parallelism over the processes of a ``torch.distributed``
+            group (e.g. launched with ``torchrun``; :mod:`ibau.distributed`): ``None``
+            (default) uses it when a group of several processes is initialised,
+            ``False`` never, ``True`` requires it. Every process passes the same clean
+            set and keeps its shard of each batch; the perturbation's gradient, the
+            hypergradient solver's vectors and the parameter gradients are summed
+            across processes, so the result equals one process's with the same
+            ``batch_size`` (the global batch) and seed, up to float rounding.
+        progress: show progress bars (tqdm) on stderr (rank 0 only when distributed).
 
     Example::
 
@@ -135,6 +143,7 @@ class IBAU(Defense):
         seed: int = 0,
         clip_images: bool | None = None,
         fold_bn: bool = True,
+        distributed: bool | None = None,
         progress: bool = True,
     ):
         if rounds < 0:
@@ -164,7 +173,9 @@ class IBAU(Defense):
         self.seed = seed
         self.clip_images = clip_images
         self.fold_bn = fold_bn
+        self.distributed = distributed
         self.progress = progress
+        self._comm = None
 
     # ------------------------------------------------------------------ pieces
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -181,10 +192,20 @@ class IBAU(Defense):
         out = x + delta
         return out.clamp(0, 1) if self._clip else out
 
-    def inner_loss(self, net: nn.Module, x: Tensor, labels: Tensor, delta: Tensor) -> Tensor:
-        """``-CE(f(x + delta), labels) + inner_reg * ||delta||^2`` (minimised over delta)."""
-        ce = F.cross_entropy(net(self._perturb(x, delta)), labels)
-        return -ce + self.inner_reg * delta.pow(2).sum()
+    def inner_loss(self, net: nn.Module, x: Tensor, labels: Tensor, delta: Tensor, *, weight: float = 1.0,
+                   reg_share: float = 1.0) -> Tensor:
+        """``-CE(f(x + delta), labels) + inner_reg * ||delta||^2`` (minimised over delta).
+
+        In data-parallel mode a process computes its share: ``weight`` = its part of the
+        batch, ``reg_share`` = 1 / processes; the shares sum to the global loss.
+        """
+        if weight == 1.0 and reg_share == 1.0:
+            ce = F.cross_entropy(net(self._perturb(x, delta)), labels)
+            return -ce + self.inner_reg * delta.pow(2).sum()
+        reg = reg_share * self.inner_reg * delta.pow(2).sum()
+        if len(x) == 0:
+            return reg
+        return -weight * F.cross_entropy(net(self._perturb(x, delta)), labels) + reg
 
     def project(self, delta: Tensor) -> Tensor:
         if self.norm_bound is None:
@@ -192,28 +213,37 @@ class IBAU(Defense):
         return delta * min(1.0, self.norm_bound / max(float(delta.norm()), 1e-12))
 
     def all_reduce(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Combine per-process gradients. Identity in a single process; the
-        data-parallel mode overrides it with an all-reduce (mean)."""
-        return tensors
+        """Combine per-process gradient shares: identity in a single process, a sum
+        over processes in data-parallel mode (each share is already weighted)."""
+        return tensors if self._comm is None else self._comm.all_reduce_sum(tensors)
 
-    def synthesize(self, net: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, dict[str, float]]:
+    @property
+    def _world(self) -> int:
+        return 1 if self._comm is None else self._comm.world
+
+    def synthesize(self, net: nn.Module, batches: list[tuple]) -> tuple[Tensor, dict[str, float]]:
         """Inner maximisation: one pass, one step per batch, then projection.
 
-        Returns the perturbation (1, C, H, W) and statistics of the pass.
+        ``batches``: ``(x, y)`` pairs, or ``(x, y, weight, ...)`` with this process's
+        share of each batch in data-parallel mode. Returns the perturbation
+        (1, C, H, W) and statistics of the pass.
         """
         x0 = batches[0][0]
         delta = torch.zeros((1, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, requires_grad=True)
         opt = _optimizer(self.inner_optimizer, [delta], self.inner_lr)
         total = 0.0
-        for xb, _ in batches:
+        for batch in batches:
+            xb, weight = batch[0], (batch[2] if len(batch) > 2 else 1.0)
             with torch.no_grad():
-                pseudo = net(xb).argmax(1)
-            loss = self.inner_loss(net, xb, pseudo, delta)
+                pseudo = net(xb).argmax(1) if len(xb) else torch.zeros(0, dtype=torch.long, device=xb.device)
+            loss = self.inner_loss(net, xb, pseudo, delta, weight=weight, reg_share=1.0 / self._world)
             # Only delta's gradient is needed: asking for it alone skips weight gradients.
             (grad,) = torch.autograd.grad(loss, [delta])
             (delta.grad,) = self.all_reduce([grad])
             opt.step()
             total += float(loss.detach())
+        if self._comm is not None:
+            total = self._comm.sum_float(total, x0.device)
         raw_norm = float(delta.detach().norm())
         delta = self.project(delta.detach())
         return delta, {"inner_loss": total / len(batches), "delta_norm_unprojected": raw_norm,
@@ -224,28 +254,46 @@ class IBAU(Defense):
         return torch.randperm(n, generator=generator)[: perturbed_count(n, self.perturb_fraction)]
 
     def hypergradient(self, net: nn.Module, params: list[Tensor], delta: Tensor,
-                      batch: tuple[Tensor, Tensor], first: tuple[Tensor, Tensor],
-                      generator: torch.Generator) -> tuple[list[Tensor], float]:
-        """Implicit hypergradient of the outer loss on ``batch`` with respect to ``params``."""
-        xb, yb = batch
-        x0, y0 = first
-        n = len(xb)
+                      batch: tuple, first: tuple, generator: torch.Generator) -> tuple[list[Tensor], float]:
+        """Implicit hypergradient of the outer loss on ``batch`` with respect to ``params``.
+
+        ``batch`` / ``first``: ``(x, y)``, or in data-parallel mode this process's share
+        ``(x, y, weight, global_size, rows)`` (``rows``: its slice of the global batch).
+        The perturbed images are drawn for the global batch, the same on every process.
+        """
+        xb, yb = batch[0], batch[1]
+        x0, y0 = first[0], first[1]
+        weight, n = (batch[2], batch[3]) if len(batch) > 2 else (1.0, len(xb))
+        w0 = first[2] if len(first) > 2 else 1.0
         chosen = self.choose_perturbed(n, generator)
         sel = torch.zeros(n, 1, 1, 1, device=xb.device)
         sel[chosen.to(xb.device)] = 1.0
+        if len(batch) > 2:
+            sel = sel[batch[4]]
+        world = self._world
         loss_value = [0.0]
 
         def outer_loss(inner: list[Tensor], _outer: list[Tensor]) -> Tensor:
+            if len(xb) == 0:  # this process has no image of this batch
+                return inner[0].sum() * 0.0
             loss = F.cross_entropy(net(self._perturb(xb, sel * inner[0])), yb)
+            if weight != 1.0:
+                loss = weight * loss
             loss_value[0] = float(loss.detach())
             return loss
 
         def fp_map(inner: list[Tensor], _outer: list[Tensor]) -> list[Tensor]:
-            (g,) = torch.autograd.grad(self.inner_loss(net, x0, y0, inner[0]), inner, create_graph=True)
-            return [inner[0] - self.fp_step * g]
+            if world == 1:
+                (g,) = torch.autograd.grad(self.inner_loss(net, x0, y0, inner[0]), inner, create_graph=True)
+                return [inner[0] - self.fp_step * g]
+            # this process's share of Phi: the shares sum to delta - eta * grad L_in
+            share = self.inner_loss(net, x0, y0, inner[0], weight=w0, reg_share=1.0 / world)
+            (g,) = torch.autograd.grad(share, inner, create_graph=True)
+            return [inner[0] / world - self.fp_step * g]
 
         grads = implicit_grad(outer_loss, fp_map, [delta], params, solver=self.hypergrad_solver,
-                              iters=self.hypergrad_iters, tol=self.hypergrad_tol)
+                              iters=self.hypergrad_iters, tol=self.hypergrad_tol,
+                              reduce=None if self._comm is None else self._comm.all_reduce_sum)
         return grads, loss_value[0]
 
     # ------------------------------------------------------------------ driver
@@ -277,8 +325,15 @@ class IBAU(Defense):
         """
         from tqdm.auto import tqdm
 
+        from ..distributed import current, shard_slice
+
         x, y = check_images(x, y)
         device = model_device(model)
+        self._comm = None if self.distributed is False else current()
+        if self.distributed and self._comm is None:
+            raise ValueError("distributed=True needs an initialised torch.distributed group of several processes "
+                             "(launch with torchrun)")
+        comm = self._comm
         net = self.wrap(model)
         was_training = model.training
         net.eval()
@@ -292,8 +347,21 @@ class IBAU(Defense):
         outer_opt = _optimizer(self.outer_optimizer, params, self.outer_lr)
         generator = torch.Generator().manual_seed(self.seed)
         dtype = params[0].dtype if params[0].is_floating_point() else torch.float32
-        batches = [(x[i:i + self.batch_size].to(device, dtype), y[i:i + self.batch_size].to(device))
-                   for i in range(0, len(x), self.batch_size)]
+        if comm is None:
+            batches = [(x[i:i + self.batch_size].to(device, dtype), y[i:i + self.batch_size].to(device))
+                       for i in range(0, len(x), self.batch_size)]
+        else:
+            if not comm.same_everywhere(len(x), device):
+                raise ValueError("distributed I-BAU: every process must pass the same clean set "
+                                 "(it keeps its own shard of each batch)")
+            comm.broadcast_(params)  # every process starts from rank 0's weights
+            batches = []
+            for i in range(0, len(x), self.batch_size):
+                n = min(self.batch_size, len(x) - i)
+                rows = shard_slice(n, comm.rank, comm.world)
+                sl = slice(i + rows.start, i + rows.stop)
+                batches.append((x[sl].to(device, dtype), y[sl].to(device), (rows.stop - rows.start) / n, n, rows))
+        show = self.progress and (comm is None or comm.rank == 0)
 
         trace = Trace(evaluate, stop_when)
         delta = torch.zeros((1, *x.shape[1:]))
@@ -305,7 +373,7 @@ class IBAU(Defense):
                     t_inner = time.perf_counter() - t0
                     outer_total = 0.0
                     steps = tqdm(batches, desc=f"I-BAU round {r}/{self.rounds}", leave=False,
-                                 disable=not self.progress, unit="batch")
+                                 disable=not show, unit="batch")
                     for batch in steps:
                         grads, loss = self.hypergradient(net, params, delta, batch, batches[0], generator)
                         for p, g in zip(params, self.all_reduce(grads)):
@@ -313,6 +381,8 @@ class IBAU(Defense):
                         outer_opt.step()
                         outer_total += loss
                         steps.set_postfix(loss=f"{loss:.3f}")
+                    if comm is not None:
+                        outer_total = comm.sum_float(outer_total, device)
                     seconds = time.perf_counter() - t0
                     if not all(math.isfinite(float(p.detach().abs().sum())) for p in params):
                         raise FloatingPointError(f"I-BAU diverged in round {r}: non-finite weights "
@@ -323,6 +393,7 @@ class IBAU(Defense):
             for p in params:
                 p.grad = None
             model.train(was_training)
+            self._comm = None
         for rec in trace.history:
             if rec["point"] == "before":
                 rec["round"] = 0

@@ -1,0 +1,181 @@
+"""Data-parallel I-BAU and training: two gloo processes on loopback give one process's result."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from ibau import IBAU
+from ibau.distributed import count_correct, current, shard_slice
+from ibau.models import SmallVGG
+from ibau.train import TrainConfig, train
+
+N_CLEAN, BATCH = 230, 100  # batches of 100, 100, 30: the last one splits 15 / 15
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(N_CLEAN, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (N_CLEAN,), generator=g)
+    return x, y
+
+
+def _vgg() -> nn.Module:
+    torch.manual_seed(0)
+    return SmallVGG(10, in_channels=1, image_size=8).eval()
+
+
+def _plain_net() -> nn.Module:
+    """No BatchNorm in training mode, no dropout: DDP must match one process exactly."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+
+
+def _ibau(solver: str) -> IBAU:
+    # With CG the two runs' hypergradients differ by float rounding a little more than with
+    # the fixed-point solver; Adam's first steps (~ lr * sign(g)) turn such differences on
+    # near-zero gradient entries into lr-sized weight differences, so the CG case takes
+    # plain SGD, whose step is linear in the gradient.
+    opt = {"outer_optimizer": "sgd", "outer_lr": 0.05} if solver == "cg" else {}
+    return IBAU(rounds=1, seed=3, batch_size=BATCH, perturb_fraction=0.05, hypergrad_solver=solver, norm_bound=2.0,
+                progress=False, **opt)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        x, y = _data()
+        results = {}
+        for solver in ("fixed_point", "cg"):
+            model = _vgg()
+            res = _ibau(solver).fit(model, x, y)
+            results[solver] = {"delta": res.extras["delta"], "state": model.state_dict(),
+                               "history": res.history[-1]}
+        comm = current()
+        results["bytes"] = comm.bytes_reduced
+        net = _plain_net()
+        train(net, (x, y), TrainConfig(epochs=1, batch_size=64, lr=1e-2, seed=0), progress=False)
+        results["train"] = net.state_dict()
+        results["counts"] = count_correct(net.eval(), x, y)
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def _close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "cg"])
+def test_one_ibau_round_over_two_processes_equals_one_process(two_ranks, solver, one_thread):
+    x, y = _data()
+    model = _vgg()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    single = _ibau(solver).fit(model, x, y)
+    for rank in two_ranks:
+        got = rank[solver]
+        torch.testing.assert_close(got["delta"], single.extras["delta"], atol=1e-5, rtol=1e-4)
+        _close(got["state"], model.state_dict(), atol=1e-5)
+        assert got["history"]["outer_loss"] == pytest.approx(single.history[-1]["outer_loss"], rel=1e-5)
+        assert got["history"]["inner_loss"] == pytest.approx(single.history[-1]["inner_loss"], rel=1e-5)
+    # the round did change the model (the comparison above is not trivially true)
+    moved = max(float((model.state_dict()[k].float() - before[k].float()).abs().max()) for k in before)
+    assert moved > 1e-3
+
+
+def test_communication_is_a_few_times_the_parameters_not_the_data(two_ranks):
+    n_params = sum(p.numel() for p in _vgg().parameters())
+    per_round = two_ranks[0]["bytes"] / 2 / 4  # two fits (two solvers), float32 elements
+    # 3 outer steps: one all-reduce of the parameter gradients each, plus perturbation-sized vectors
+    assert n_params <= per_round / 3 <= 1.1 * n_params
+
+
+def test_one_ddp_epoch_equals_one_process(two_ranks, one_thread):
+    x, y = _data()
+    net = _plain_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    train(net, (x, y), TrainConfig(epochs=1, batch_size=64, lr=1e-2, seed=0), progress=False)
+    for rank in two_ranks:
+        _close(rank["train"], net.state_dict(), atol=1e-5)
+    assert max(float((net.state_dict()[k] - before[k]).abs().max()) for k in before) > 1e-3
+    correct = int((net.eval()(x).argmax(1) == y).sum())
+    assert [tuple(r["counts"]) for r in two_ranks] == [(correct, N_CLEAN)] * 2
+
+
+def test_shard_slice_covers_everything_once():
+    for n in range(0, 12):
+        for world in (1, 2, 3, 5):
+            parts = [shard_slice(n, r, world) for r in range(world)]
+            covered = [i for p in parts for i in range(n)[p]]
+            assert covered == list(range(n))
+            assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
+
+
+def test_single_process_ignores_distributed_and_rejects_forcing_it(one_thread):
+    x, y = _data()
+    assert current() is None
+    with pytest.raises(ValueError, match="torchrun"):
+        IBAU(rounds=1, distributed=True, progress=False).fit(_vgg(), x, y)
+
+
+def test_torchrun_unlearn_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m ibau unlearn` (gloo, loopback) writes what one process writes."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from ibau.demo import load_digits_tensors
+    from ibau.io import save_weights
+
+    x, y = load_digits_tensors()
+    np.savez(tmp_path / "clean.npz", x=x[:450].numpy(), y=y[:450].numpy())
+    (tmp_path / "net.py").write_text("from ibau.models import SmallVGG\n\n\ndef build(num_classes=10):\n"
+                                     "    return SmallVGG(num_classes, in_channels=1, image_size=8)\n")
+    save_weights(_vgg(), tmp_path / "m.safetensors")
+    common = ["-m", "ibau", "unlearn", "--model-def", f"{tmp_path / 'net.py'}:build", "--weights",
+              str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "clean.npz"), "--rounds", "1",
+              "--norm-bound", "2", "--perturb-fraction", "0.05", "--outer-optimizer", "sgd", "--outer-lr", "0.05",
+              "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dist_run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-addr", "127.0.0.1", "--master-port", str(_free_port())] + common +
+                              ["--out", str(tmp_path / "d.safetensors"), "--report", str(tmp_path / "d.json")],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert dist_run.returncode == 0, dist_run.stdout + dist_run.stderr
+    assert dist_run.stdout.count("sanitised weights:") == 1  # rank 0 alone prints and writes
+    one = subprocess.run([sys.executable] + common + ["--out", str(tmp_path / "s.safetensors"), "--report",
+                                                      str(tmp_path / "s.json")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert one.returncode == 0, one.stdout + one.stderr
+    a, b = json.loads((tmp_path / "d.json").read_text()), json.loads((tmp_path / "s.json").read_text())
+    for key in ("clean_accuracy_before", "clean_accuracy_after", "holdout_size", "clean_set_size"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert a["history"][0]["outer_loss"] == pytest.approx(b["history"][0]["outer_loss"], rel=1e-5)
+    wa, wb = load_file(tmp_path / "d.safetensors"), load_file(tmp_path / "s.safetensors")
+    _close(wa, wb, atol=1e-5)
