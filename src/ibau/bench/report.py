@@ -364,8 +364,10 @@ def _rounds_figure(exp: Experiment, recs: list[dict[str, Any]], profile: str, fi
             hist = r["result"]["history"]
             ax.plot([100 * h["acc"] for h in hist], label="ACC", color="black")
             if "asr_per_trigger" in hist[0]:
+                names = exp.meta.get("triggers", [])
                 for j in range(len(hist[0]["asr_per_trigger"])):
-                    ax.plot([100 * h["asr_per_trigger"][j] for h in hist], lw=1, alpha=0.7, label=f"ASR trigger {j + 1}")
+                    name = names[j] if j < len(names) else f"trigger {j + 1}"
+                    ax.plot([100 * h["asr_per_trigger"][j] for h in hist], lw=1, alpha=0.7, label=f"ASR {name}")
             else:
                 ax.plot([100 * h["asr"] for h in hist], label="ASR", color="tab:red")
             ax.set_title(_row(exp, r))
