@@ -188,7 +188,7 @@ def _time_table(exp: Experiment, recs_by_exp: dict[str, list[dict]], profile: st
             if d == "none":
                 continue
             m = _mean_sd(ts)[0] if ts else float("nan")
-            ratio = "∞" if not ts else (f"{m / ib_mean:.1f}x" if ib_mean == ib_mean and ib_mean > 0 else "-")
+            ratio = "∞" if not ts else (f"{m / ib_mean:.2g}x" if ib_mean == ib_mean and ib_mean > 0 else "-")
             if ts and len(ts) < n:
                 ratio += f" (never on {n - len(ts)})"
             p = exp.paper.get(f"{src}/{d}")
@@ -484,7 +484,7 @@ def verdicts(recs_by_exp: dict[str, list[dict]], exps: dict[str, Experiment], pr
         verdict = ("reproduced" if all(v >= 5 for v in ratios.values()) else
                    "partly reproduced" if all(v > 1 for v in ratios.values()) else "not reproduced")
         out.append((claim, verdict, f"I-BAU {m:.1f} s; ratios: " + ", ".join(
-            f"{NAMES[d]} {'∞' if v == math.inf else f'{v:.1f}x'}" for d, v in ratios.items())))
+            f"{NAMES[d]} {'∞' if v == math.inf else f'{v:.2g}x'}" for d, v in ratios.items())))
     # 5. stability
     st = cells("stability")
     if not st:
@@ -504,7 +504,7 @@ def verdicts(recs_by_exp: dict[str, list[dict]], exps: dict[str, Experiment], pr
             better = sd["ibau"] < sd["naive_uap"]
             lower = final["ibau"] <= final["naive_uap"]
             out.append(("I-BAU is stabler across seeds than the naive heuristic (Figure 1)",
-                        "reproduced" if better and lower else ("partly reproduced" if better or lower else "not reproduced"),
+                        "reproduced" if better and lower else ("partly reproduced" if better else "not reproduced"),
                         f"mean over rounds of the ASR s.d. across seeds: I-BAU {100 * sd['ibau']:.1f}, naive "
                         f"{100 * sd['naive_uap']:.1f} points; final mean ASR: I-BAU {100 * final['ibau']:.1f}%, naive "
                         f"{100 * final['naive_uap']:.1f}%"))
@@ -536,7 +536,8 @@ def _bound_rule(e: Experiment, recs: list[dict]) -> tuple[str, str]:
     ok_big = all(asr[k] < EFFECTIVE_ASR for k in big)
     ok_small = all(asr[k] >= EFFECTIVE_ASR for k in small)
     text = ", ".join(f"bound {k}: ASR {100 * v:.1f}%" for k, v in asr.items())
-    return ("reproduced" if ok_big and ok_small and big else "partly reproduced" if ok_big or ok_small else
+    # the claim is about large bounds; the small bound's failure is the secondary half
+    return ("reproduced" if ok_big and ok_small and big else "partly reproduced" if ok_big and big else
             "not reproduced"), text
 
 
