@@ -16,7 +16,7 @@ from ..models.fuse import fold_batchnorm
 from ..models.normalize import Normalized
 from .base import Defense, DefenseResult, Evaluate, StopWhen, Trace, check_images
 
-__all__ = ["IBAU", "perturbed_count"]
+__all__ = ["IBAU", "UniversalPerturbation", "perturbed_count"]
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -38,7 +38,42 @@ def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}") from None
 
 
-class IBAU(Defense):
+class UniversalPerturbation:
+    """What I-BAU and the naive heuristic (:class:`ibau.defenses.NaiveUAP`) share about their
+    one universal perturbation: the model in pixel space, adding and projecting ``delta``,
+    and which images of an outer batch receive it. Uses the attributes ``normalize``,
+    ``norm_bound``, ``clip_images`` and ``perturb_fraction``."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model as the method sees it: taking [0, 1] pixels (normalisation inside)."""
+        if self.normalize is None:
+            return model
+        return Normalized(model, *self.normalize).to(model_device(model))
+
+    @property
+    def _clip(self) -> bool:
+        return self.norm_bound is None if self.clip_images is None else self.clip_images
+
+    def _perturb(self, x: Tensor, delta: Tensor) -> Tensor:
+        out = x + delta
+        return out.clamp(0, 1) if self._clip else out
+
+    def project(self, delta: Tensor) -> Tensor:
+        if self.norm_bound is None:
+            return delta
+        return delta * min(1.0, self.norm_bound / max(float(delta.norm()), 1e-12))
+
+    def choose_perturbed(self, n: int, generator: torch.Generator) -> Tensor:
+        """Indices of the images of an n-image outer batch that receive delta."""
+        return torch.randperm(n, generator=generator)[: perturbed_count(n, self.perturb_fraction)]
+
+    def clean_batches(self, x: Tensor, y: Tensor, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+        """``(x, y)`` cut into consecutive batches of ``batch_size``, on ``device``."""
+        return [(x[i:i + self.batch_size].to(device, dtype), y[i:i + self.batch_size].to(device))
+                for i in range(0, len(x), self.batch_size)]
+
+
+class IBAU(UniversalPerturbation, Defense):
     """Implicit Backdoor Adversarial Unlearning (Zeng et al., ICLR 2022), Algorithm 1.
 
     Solves ``min_theta max_{||delta|| <= C} mean_i CE(f_theta(x_i + delta), y_i)`` over the
@@ -178,20 +213,6 @@ class IBAU(Defense):
         self._comm = None
 
     # ------------------------------------------------------------------ pieces
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The model as I-BAU sees it: taking [0, 1] pixels (normalisation inside)."""
-        if self.normalize is None:
-            return model
-        return Normalized(model, *self.normalize).to(model_device(model))
-
-    @property
-    def _clip(self) -> bool:
-        return self.norm_bound is None if self.clip_images is None else self.clip_images
-
-    def _perturb(self, x: Tensor, delta: Tensor) -> Tensor:
-        out = x + delta
-        return out.clamp(0, 1) if self._clip else out
-
     def inner_loss(self, net: nn.Module, x: Tensor, labels: Tensor, delta: Tensor, *, weight: float = 1.0,
                    reg_share: float = 1.0) -> Tensor:
         """``-CE(f(x + delta), labels) + inner_reg * ||delta||^2`` (minimised over delta).
@@ -206,11 +227,6 @@ class IBAU(Defense):
         if len(x) == 0:
             return reg
         return -weight * F.cross_entropy(net(self._perturb(x, delta)), labels) + reg
-
-    def project(self, delta: Tensor) -> Tensor:
-        if self.norm_bound is None:
-            return delta
-        return delta * min(1.0, self.norm_bound / max(float(delta.norm()), 1e-12))
 
     def all_reduce(self, tensors: list[Tensor]) -> list[Tensor]:
         """Combine per-process gradient shares: identity in a single process, a sum
@@ -248,10 +264,6 @@ class IBAU(Defense):
         delta = self.project(delta.detach())
         return delta, {"inner_loss": total / len(batches), "delta_norm_unprojected": raw_norm,
                        "delta_norm": float(delta.norm())}
-
-    def choose_perturbed(self, n: int, generator: torch.Generator) -> Tensor:
-        """Indices of the images of an n-image outer batch that receive delta."""
-        return torch.randperm(n, generator=generator)[: perturbed_count(n, self.perturb_fraction)]
 
     def hypergradient(self, net: nn.Module, params: list[Tensor], delta: Tensor,
                       batch: tuple, first: tuple, generator: torch.Generator) -> tuple[list[Tensor], float]:
@@ -348,8 +360,7 @@ class IBAU(Defense):
         generator = torch.Generator().manual_seed(self.seed)
         dtype = params[0].dtype if params[0].is_floating_point() else torch.float32
         if comm is None:
-            batches = [(x[i:i + self.batch_size].to(device, dtype), y[i:i + self.batch_size].to(device))
-                       for i in range(0, len(x), self.batch_size)]
+            batches = self.clean_batches(x, y, device, dtype)
         else:
             if not comm.same_everywhere(len(x), device):
                 raise ValueError("distributed I-BAU: every process must pass the same clean set "

@@ -11,16 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..metrics import model_device
-from ..models.normalize import Normalized
 from .base import Defense, DefenseResult, Evaluate, StopWhen, Trace, check_images
-from .ibau import OPTIMIZERS, _optimizer, perturbed_count
+from .ibau import OPTIMIZERS, UniversalPerturbation, _optimizer
 
 __all__ = ["NaiveUAP"]
 
 UAP_LABELS = ("predicted", "true")
 
 
-class NaiveUAP(Defense):
+class NaiveUAP(UniversalPerturbation, Defense):
     """Naive adversarial unlearning with universal adversarial perturbations (the baseline of Figure 1).
 
     Zeng et al., "Adversarial Unlearning of Backdoors via Implicit Hypergradient"
@@ -152,25 +151,6 @@ class NaiveUAP(Defense):
         self.progress = progress
 
     # ------------------------------------------------------------------ pieces
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The model as the method sees it: taking [0, 1] pixels (normalisation inside)."""
-        if self.normalize is None:
-            return model
-        return Normalized(model, *self.normalize).to(model_device(model))
-
-    @property
-    def _clip(self) -> bool:
-        return self.norm_bound is None if self.clip_images is None else self.clip_images
-
-    def _perturb(self, x: Tensor, delta: Tensor) -> Tensor:
-        out = x + delta
-        return out.clamp(0, 1) if self._clip else out
-
-    def project(self, delta: Tensor) -> Tensor:
-        if self.norm_bound is None:
-            return delta
-        return delta * min(1.0, self.norm_bound / max(float(delta.norm()), 1e-12))
-
     @torch.no_grad()
     def _predict(self, net: nn.Module, batches: list[tuple[Tensor, Tensor]],
                  delta: Tensor | None = None) -> list[Tensor]:
@@ -194,10 +174,6 @@ class NaiveUAP(Defense):
                         break  # flat (or broken) loss: no ascent direction on this batch
                     delta = self.project(delta + (self.uap_step_size / gn) * g)
         return delta.detach()
-
-    def choose_perturbed(self, n: int, generator: torch.Generator) -> Tensor:
-        """Indices of the images of an n-image outer batch that receive delta (as I-BAU)."""
-        return torch.randperm(n, generator=generator)[: perturbed_count(n, self.perturb_fraction)]
 
     # ------------------------------------------------------------------ driver
     def fit(
@@ -237,8 +213,7 @@ class NaiveUAP(Defense):
         outer_opt = _optimizer(self.outer_optimizer, params, self.outer_lr)
         generator = torch.Generator().manual_seed(self.seed)
         dtype = params[0].dtype if params[0].is_floating_point() else torch.float32
-        batches = [(x[i:i + self.batch_size].to(device, dtype), y[i:i + self.batch_size].to(device))
-                   for i in range(0, len(x), self.batch_size)]
+        batches = self.clean_batches(x, y, device, dtype)
 
         trace = Trace(evaluate, stop_when)
         delta = torch.zeros((1, *x.shape[1:]))
