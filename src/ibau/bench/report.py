@@ -93,13 +93,6 @@ def _paper_pair(p: Any) -> str:
     return "[paper " + " / ".join(x if isinstance(x, str) else f"{x:g}" for x in p[:2]) + "]"
 
 
-def _diff(ours: list[float], paper: Any) -> str:
-    m, _ = _mean_sd(ours)
-    if paper is None or isinstance(paper, str) or isinstance(paper, (int, float)) or math.isnan(m):
-        return ""
-    return ""
-
-
 def _failed(rec: dict[str, Any]) -> bool:
     r = rec["result"]
     return r["after"]["asr"] >= EFFECTIVE_ASR or (r["before"]["acc"] - r["after"]["acc"]) > MAX_ACC_DROP
@@ -351,8 +344,7 @@ def _rounds_figure(exp: Experiment, recs: list[dict[str, Any]], profile: str, fi
         multi = "asr_per_trigger" in hist[0]
         lines += [f"**{_row(exp, r)}** (`{r['label']}`), per round (%):", "",
                   "| round | ACC | ASR" + (" (mean) | per trigger" if multi else "") + " | seconds |",
-                  "|---|---|---|" + ("---|" if multi else "") + ("" if not multi else "") + ""]
-        lines[-1] = "|---|---|---|" + ("---|" if multi else "") + "---|"
+                  "|---|---|---|" + ("---|" if multi else "") + "---|"]
         for i, h in enumerate(hist):
             per = (" | " + ", ".join(f"{100 * v:.0f}" for v in h["asr_per_trigger"])) if multi else ""
             lines.append(f"| {i} | {100 * h['acc']:.1f} | {100 * h['asr']:.1f}{per} | {h.get('elapsed', 0):.0f} |")

@@ -25,7 +25,6 @@ triggers, each with its own target), ``{ all_to_all = spec }`` (that trigger, y 
 from __future__ import annotations
 
 import hashlib
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -160,7 +159,6 @@ def trained_model(entry: dict[str, Any], dataset: str, data_dir: str | None, cac
     """Train (or load from the cache) the poisoned model an entry describes."""
     from ..io import load_weights, save_weights, write_json
     from ..poisoning import subset
-    from ..train import TrainConfig
     from . import data as bdata
 
     recipe = entry["train"]
@@ -207,7 +205,6 @@ def trained_model(entry: dict[str, Any], dataset: str, data_dir: str | None, cac
             from ..attacks.manifest import save_manifest
 
             save_manifest(attack, manifest, force=True)
-        model = fresh()
         from ..poisoning import poison_and_train
 
         ckpt = folder / f"{key}.ckpt"
@@ -243,8 +240,3 @@ def load_model(entry: dict[str, Any], dataset: str, data_dir: str | None, cache:
     attack = build_attack(entry["attack"], x=x_like, num_classes=num_classes)
     return model.to(device).eval(), attack, {"weights": str(wpath), "weights_sha256": _file_digest(str(wpath))}
 
-
-def environment_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(int(threads))
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))

@@ -117,11 +117,11 @@ def run_defend(params: dict[str, Any], env: Env) -> dict[str, Any]:
     else:
         fit_x, fit_y = xc, yc
     stop_asr = params.get("stop_asr")
-    stop_when: Callable | None = None
-    if stop_asr is not None:
-        def stop_when(rec: dict[str, Any]) -> bool | str:
-            return rec.get("asr", 1.0) < stop_asr and f"effective at {rec['point']} (ASR < {stop_asr:g})"
-    res = defense.fit(model, fit_x, fit_y, evaluate=evaluate, stop_when=stop_when)
+
+    def effective(rec: dict[str, Any]) -> bool | str:
+        return rec.get("asr", 1.0) < stop_asr and f"effective at {rec['point']} (ASR < {stop_asr:g})"
+
+    res = defense.fit(model, fit_x, fit_y, evaluate=evaluate, stop_when=None if stop_asr is None else effective)
     model = res.model
     last = {k: v for k, v in res.history[-1].items() if k in before}
     out.update(after=last, seconds=res.seconds, stop_reason=res.stop_reason, points=len(res.history) - 1,
