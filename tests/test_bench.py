@@ -240,15 +240,16 @@ def test_failed_cell_is_recorded_and_retried(tmp_path, one_thread):
                     progress=False, printer=None).failed == 1  # tried again, not skipped
 
 
-def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):
-    """Kill the runner (and its worker processes) mid-grid, start it again: the grid
-    completes and the cells finished before the kill are not recomputed."""
+def kill_and_resume(tmp_path: Path, runner_args: list[str]) -> None:
+    """Run a 6-cell grid with ``ibau bench run ... RUNNER_ARGS``, SIGKILL its process group
+    once two cells are finished, run it again: the grid completes and the files written
+    before the kill are untouched (same bytes, same mtime)."""
     config = tiny(tmp_path, seeds=(0, 1, 2))
     res = tmp_path / "res"
     cmd = [sys.executable, "-m", "ibau", "bench", "run", str(config), "--results", str(res), "--cache",
-           str(tmp_path / "cache"), "--workers", "1", "--threads", "1", "--order", "file", "--quiet"]
+           str(tmp_path / "cache"), "--threads", "1", "--order", "file", "--quiet", *runner_args]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     try:
         while time.time() < deadline and len(list((res / "tiny").glob("*-????????????.json"))) < 2:
             assert proc.poll() is None, proc.stdout.read()
@@ -264,6 +265,12 @@ def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (res / "tiny").glob("*.json")}
     assert len(files) == 6
     assert all(files[name] == stamp for name, stamp in done_before.items())  # untouched
+
+
+def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):
+    """Kill the runner (and its worker processes) mid-grid, start it again: the grid
+    completes and the cells finished before the kill are not recomputed."""
+    kill_and_resume(tmp_path, ["--workers", "1"])
 
 
 # ----------------------------------------------------------------------------- report
