@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from .errors import InputError
 
 __all__ = ["WeightsError", "load_state_dict", "load_weights", "save_weights", "atomic_write", "atomic_directory",
            "write_json"]
@@ -30,7 +31,7 @@ __all__ = ["WeightsError", "load_state_dict", "load_weights", "save_weights", "a
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "net", "model", "weights")
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weights file that cannot be used safely or does not fit the model."""
 
 

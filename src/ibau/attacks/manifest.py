@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from .base import Attack, create_attack
+from ..errors import InputError
 
 __all__ = ["save_manifest", "load_manifest", "ManifestError"]
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest that is missing, malformed or does not match its trigger file."""
 
 

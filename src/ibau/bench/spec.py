@@ -50,6 +50,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from ..errors import InputError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,7 +66,7 @@ PROFILE_KEYS = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """An experiment file that cannot be expanded (unknown key, model, profile...)."""
 
 

@@ -58,6 +58,7 @@ from typing import Any, BinaryIO, Union
 import numpy as np
 import torch
 from PIL import Image
+from ..errors import InputError
 
 __all__ = [
     "DataError",
@@ -85,7 +86,7 @@ _PIL_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A dataset that cannot be used as given; the message says what to change."""
 
 
