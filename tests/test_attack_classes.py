@@ -15,7 +15,7 @@ from ibau.attacks import (
     ATTACKS, AllToAll, Attack, BadNets, Blend, L0Inv, L2Inv, MultiTrigger, Smooth, TrojanSquare,
     TrojanWatermark, SemanticReplacement, WaNet, InputAware, HiddenTrigger, create_attack, gaussian_blur, procedural_pattern, square_mask, watermark_mask,
 )
-from ibau.data.synthetic import TinyNet, make_data, poisoned_model
+from ibau.testing import TinyNet, make_data, poisoned_model
 
 SHAPE = (3, 8, 8)
 STEPS = 10

@@ -43,6 +43,7 @@ def test_trigger_validation():
         Trigger(torch.zeros(3, 32, 32), torch.full((3, 32, 32), 2.0))
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_released_trigger_reproduces_the_authors_badnets_model(shared_data):
     import lzma

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,40 +14,6 @@ from ibau.bench import SpecError, expand, finished, is_common_file, load_experim
 from ibau.bench import data as bdata
 from ibau.bench.report import tsne_separation, write_report
 from ibau.bench.sources import ImageTrigger, model_cache_key
-
-TINY = """
-[experiment]
-name = "tiny"
-title = "Tiny digits grid"
-layout = "defense_table"
-columns = ["none", "ibau"]
-evidence_for = ["effective", "baselines_fail"]
-rows = {{ patch = "Patch" }}
-
-[models.patch]
-arch = "small_vgg"
-train = {{ attack = {{ name = "badnets", target = 0, patch = 2, margin = 1 }}, ratio = 0.2, size = 600, epochs = 3, batch_size = 64 }}
-
-[profiles.cpu]
-about = "tiny"
-dataset = "digits"
-models = ["patch"]
-defenses = ["none", "ibau"]
-seeds = {seeds}
-clean_size = 200
-stop_asr = 0.2
-settings.ibau = {{ rounds = 1, batch_size = 50, norm_bound = 2.5 }}
-
-[paper]
-"Patch/none" = [99.0, 100.0]
-"Patch/ibau" = [98.0, 5.0]
-"""
-
-
-def tiny(tmp_path: Path, seeds=(0,)) -> Path:
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(seeds=list(seeds)))
-    return path
 
 
 def spec(tmp_path: Path, text: str, name: str = "x.toml") -> Path:
@@ -115,9 +76,9 @@ def test_spec_errors(tmp_path, body, message):
         expand(load_experiment(path), "p")
 
 
-def test_unknown_profile(tmp_path):
+def test_unknown_profile(tiny_grid):
     with pytest.raises(SpecError, match="no profile 'q'; it has cpu"):
-        expand(load_experiment(tiny(tmp_path)), "q")
+        expand(load_experiment(tiny_grid()), "q")
 
 
 def test_common_file_models_and_settings(tmp_path):
@@ -189,8 +150,8 @@ def test_image_trigger_and_cache_key(tmp_path):
 
 
 # ----------------------------------------------------------------------------- runner
-def test_grid_runs_caches_models_and_resumes(tmp_path, one_thread):
-    exp = load_experiment(tiny(tmp_path))
+def test_grid_runs_caches_models_and_resumes(tmp_path, tiny_grid, one_thread):
+    exp = load_experiment(tiny_grid())
     cells = expand(exp, "cpu")
     res, cache = tmp_path / "res", tmp_path / "cache"
     s = run_grid(cells, results=res, cache=cache, workers=0, progress=False, printer=None)
@@ -240,42 +201,16 @@ def test_failed_cell_is_recorded_and_retried(tmp_path, one_thread):
                     progress=False, printer=None).failed == 1  # tried again, not skipped
 
 
-def kill_and_resume(tmp_path: Path, runner_args: list[str]) -> None:
-    """Run a 6-cell grid with ``ibau bench run ... RUNNER_ARGS``, SIGKILL its process group
-    once two cells are finished, run it again: the grid completes and the files written
-    before the kill are untouched (same bytes, same mtime)."""
-    config = tiny(tmp_path, seeds=(0, 1, 2))
-    res = tmp_path / "res"
-    cmd = [sys.executable, "-m", "ibau", "bench", "run", str(config), "--results", str(res), "--cache",
-           str(tmp_path / "cache"), "--threads", "1", "--order", "file", "--quiet", *runner_args]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and len(list((res / "tiny").glob("*-????????????.json"))) < 2:
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    done_before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (res / "tiny").glob("*.json")}
-    assert 2 <= len(done_before) < 6, "the grid must be cut mid-way"
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"{6 - len(done_before)} cells run, {len(done_before)} already finished, 0 failed" in out.stdout
-    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (res / "tiny").glob("*.json")}
-    assert len(files) == 6
-    assert all(files[name] == stamp for name, stamp in done_before.items())  # untouched
-
-
-def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):
+@pytest.mark.slow
+def test_killed_grid_resumes_without_redoing_finished_cells(kill_and_resume):
     """Kill the runner (and its worker processes) mid-grid, start it again: the grid
     completes and the cells finished before the kill are not recomputed."""
-    kill_and_resume(tmp_path, ["--workers", "1"])
+    kill_and_resume(["--workers", "1"])
 
 
 # ----------------------------------------------------------------------------- report
-def test_report_from_results(tmp_path, one_thread):
-    config = tiny(tmp_path)
+def test_report_from_results(tmp_path, tiny_grid, one_thread):
+    config = tiny_grid()
     exp = load_experiment(config)
     res = tmp_path / "res"
     run_grid(expand(exp, "cpu"), results=res, cache=tmp_path / "cache", workers=0, progress=False, printer=None)

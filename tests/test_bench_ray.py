@@ -8,7 +8,7 @@ from ibau.bench import expand, load_experiment, load_results, run_grid
 
 ray = pytest.importorskip("ray")
 
-from test_bench import kill_and_resume, tiny  # noqa: E402
+pytestmark = pytest.mark.slow  # starts a local Ray instance
 
 TIMING = {"elapsed", "seconds", "seconds_inner", "seconds_outer", "wall_seconds"}
 
@@ -20,8 +20,8 @@ def _numbers(result: dict) -> dict:
     return out
 
 
-def test_ray_grid_gives_the_local_runners_results(tmp_path):
-    exp = load_experiment(tiny(tmp_path, seeds=(0, 1)))
+def test_ray_grid_gives_the_local_runners_results(tmp_path, tiny_grid):
+    exp = load_experiment(tiny_grid(seeds=(0, 1)))
     cells = expand(exp, "cpu")
     cache = tmp_path / "cache"
     local = run_grid(cells, results=tmp_path / "local", cache=cache, workers=0, threads=1, progress=False, printer=None)
@@ -37,5 +37,5 @@ def test_ray_grid_gives_the_local_runners_results(tmp_path):
         assert a[key]["params"] == b[key]["params"]
 
 
-def test_killed_ray_grid_resumes(tmp_path):
-    kill_and_resume(tmp_path, ["--ray", "local", "--workers", "2"])
+def test_killed_ray_grid_resumes(kill_and_resume):
+    kill_and_resume(["--ray", "local", "--workers", "2"])

@@ -2,12 +2,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from ibau.cli import main
 from ibau.models import SmallVGG
 
 
+@pytest.mark.slow  # the whole demo: trains a model, runs I-BAU, writes plots
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quiet", "--out-dir", str(out)]) == 0

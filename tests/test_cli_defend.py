@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-import planted
+from ibau import testing
 from ibau.cli import main
 from ibau.defenses import DEFENSES
 from ibau.models import SmallVGG
@@ -22,7 +22,7 @@ def digits_vgg(num_classes=10):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("defend")
-    d = planted.backdoor("one_target")
+    d = testing.digits_backdoor("one_target")
     save_file({k: v.contiguous() for k, v in d["model"].state_dict().items()}, root / "w.safetensors")
     np.savez(root / "clean.npz", x=(d["x_clean"][:, 0] * 255).round().byte().numpy(), y=d["y_clean"].numpy())
     (root / "model_def.py").write_text(MODEL_DEF)
@@ -59,7 +59,7 @@ def test_neural_cleanse_through_the_command_line(files, tmp_path, capsys):
     assert arrays["triggers.mask_0"].shape == (1, 8, 8) and "triggers.pattern_9" in arrays
     net = SmallVGG(10, in_channels=1, image_size=8)
     net.load_state_dict(load_file(tmp_path / "o.safetensors"), strict=True)
-    assert planted.metrics(net.eval(), d)["asr"] < 0.2
+    assert testing.digits_metrics(net.eval(), d)["asr"] < 0.2
     out = capsys.readouterr().out
     assert "anomaly index per class" in out and "flagged:" in out
 

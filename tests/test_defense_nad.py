@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-import planted
+from ibau import testing
 from ibau.defenses.nad import NAD, attention_loss, attention_map, default_layers
 from ibau.models import PreActResNet18
 
@@ -35,26 +35,26 @@ def test_attention_map_and_loss():
 
 
 def test_default_layers_are_block_outputs():
-    d = planted.backdoor("one_target")
+    d = testing.digits_backdoor("one_target")
     assert default_layers(d["model"], d["x_clean"], 3) == ["features.5", "features.13", "features.21"]
     assert default_layers(PreActResNet18(10), torch.rand(2, 3, 32, 32), 3) == [
         "layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2"]
 
 
 def test_end_to_end_removes_the_backdoor():
-    d = planted.backdoor("one_target")
+    d = testing.digits_backdoor("one_target")
     model = d["model"]
     original = copy.deepcopy(model)
-    before = planted.metrics(model, d)
+    before = testing.digits_metrics(model, d)
     rng = torch.get_rng_state()
     r = NAD(teacher_epochs=3, student_epochs=3, **SMALL).fit(model, d["x_clean"], d["y_clean"],
-                                                             evaluate=lambda m: planted.metrics(m, d))
+                                                             evaluate=lambda m: testing.digits_metrics(m, d))
     assert torch.equal(torch.get_rng_state(), rng)
     # the student (the model passed in) is returned, trainable, in eval mode
     assert r.model is model and not model.training
     assert all(p.requires_grad for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
-    after = planted.metrics(model, d)
+    after = testing.digits_metrics(model, d)
     assert before["asr"] > 0.95 and after["asr"] < 0.5  # measured: 0.99 -> 0.27
     assert after["acc"] > 0.85  # measured: 0.98 -> 0.94
     assert [h["point"] for h in r.history] == ["before", "teacher"] + [f"student epoch {e}" for e in (1, 2, 3)]
@@ -67,23 +67,15 @@ def test_end_to_end_removes_the_backdoor():
     assert [h["lr"] for h in r.history[2:]] == pytest.approx([0.01, 0.01, 0.001])
 
 
-def test_deterministic_per_seed_and_stop_when():
-    states = []
-    for seed in (0, 0, 1):
-        d = planted.backdoor("one_target")
-        r = NAD(teacher_epochs=1, student_epochs=1, seed=seed, **{**SMALL, "augment": True, "crop_pad": 1}).fit(
-            d["model"], d["x_clean"], d["y_clean"])
-        states.append(r.model.state_dict())
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
-    d = planted.backdoor("one_target")
+def test_stop_when():
+    d = testing.digits_backdoor("one_target")
     r = NAD(teacher_epochs=1, student_epochs=2, **SMALL).fit(
         d["model"], d["x_clean"], d["y_clean"], evaluate=lambda m: {}, stop_when=lambda rec: rec["point"] == "teacher")
     assert [h["point"] for h in r.history] == ["before", "teacher"] and "teacher" in r.stop_reason
 
 
 def test_bad_settings():
-    d = planted.backdoor("one_target")
+    d = testing.digits_backdoor("one_target")
     with pytest.raises(ValueError, match="betas"):
         NAD(betas=(1.0, 2.0))
     with pytest.raises(ValueError, match="betas"):

@@ -89,6 +89,7 @@ def _close(a: dict, b: dict, atol: float) -> None:
         torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=1e-4, msg=k)
 
 
+@pytest.mark.slow  # two spawned processes
 @pytest.mark.parametrize("solver", ["fixed_point", "cg"])
 def test_one_ibau_round_over_two_processes_equals_one_process(two_ranks, solver, one_thread):
     x, y = _data()
@@ -106,6 +107,7 @@ def test_one_ibau_round_over_two_processes_equals_one_process(two_ranks, solver,
     assert moved > 1e-3
 
 
+@pytest.mark.slow  # two spawned processes
 def test_communication_is_a_few_times_the_parameters_not_the_data(two_ranks):
     n_params = sum(p.numel() for p in _vgg().parameters())
     per_round = two_ranks[0]["bytes"] / 2 / 4  # two fits (two solvers), float32 elements
@@ -113,6 +115,7 @@ def test_communication_is_a_few_times_the_parameters_not_the_data(two_ranks):
     assert n_params <= per_round / 3 <= 1.1 * n_params
 
 
+@pytest.mark.slow  # two spawned processes
 def test_one_ddp_epoch_equals_one_process(two_ranks, one_thread):
     x, y = _data()
     net = _plain_net()
@@ -141,6 +144,7 @@ def test_single_process_ignores_distributed_and_rejects_forcing_it(one_thread):
         IBAU(rounds=1, distributed=True, progress=False).fit(_vgg(), x, y)
 
 
+@pytest.mark.slow  # torchrun with two processes, then one process
 def test_torchrun_unlearn_matches_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 -m ibau unlearn` (gloo, loopback) writes what one process writes."""
     import json

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-import toy
+from ibau import testing as toy
 from ibau import IBAU
 from ibau._reference import reference_hypergradient, reference_inner_pass
 from ibau.defenses import create
@@ -53,17 +53,6 @@ def test_hypergradient_equals_reference_computation(fold):
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
     assert any(float(b.abs().max()) > 0 for b in expected)
-
-
-def test_fit_is_deterministic_per_seed():
-    x, y = toy.make_data(200, 5)
-    results = []
-    for seed in (0, 0, 1):
-        m = toy.poisoned_model()
-        res = IBAU(rounds=1, batch_size=50, seed=seed, progress=False).fit(m, x, y)
-        results.append((torch.cat([p.flatten() for p in m.parameters()]), res.extras["delta"]))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-    assert not torch.equal(results[0][0], results[2][0])  # the seed picks other perturbed images
 
 
 def test_unlearns_a_planted_backdoor():

@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-import toy
+from ibau import testing as toy
 from ibau.io import WeightsError, atomic_write, load_state_dict, load_weights, save_weights, write_json
 
 

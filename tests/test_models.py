@@ -70,6 +70,7 @@ def test_fold_batchnorm_returns_untraceable_or_bn_free_models_unchanged():
     assert fold_batchnorm(lin) is lin
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_released_checkpoints_load_strictly(shared_data):
     files = sorted((shared_data / "ibau-checkpoints").glob("*.pth"))

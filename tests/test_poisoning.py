@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-import toy
+from ibau import testing as toy
 from ibau.attacks import create_attack
 from ibau.attacks.manifest import ManifestError, load_manifest, save_manifest
 from ibau.cli import main
@@ -122,7 +122,7 @@ def test_poison_and_evaluate_commands(tmp_path, capsys):
     np.savez(tmp_path / "train.npz", x=x.numpy(), y=y.numpy())
     xe, ye = toy.make_data(300, 12)
     np.savez(tmp_path / "test.npz", x=xe.numpy(), y=ye.numpy())
-    (tmp_path / "net.py").write_text("from ibau.data.synthetic import TinyNet\n"
+    (tmp_path / "net.py").write_text("from ibau.testing import TinyNet\n"
                                      "def make(num_classes=4):\n    return TinyNet(num_classes)\n")
     out = tmp_path / "poisoned.safetensors"
     code = main(["poison", "--model-def", f"{tmp_path / 'net.py'}:make", "--data", str(tmp_path / "train.npz"),
@@ -156,7 +156,7 @@ def test_poison_command_fits_shape_dependent_attacks_to_the_data(tmp_path, capsy
     np.savez(tmp_path / "train.npz", x=x.numpy(), y=y.numpy())
     xe, ye = toy.make_data(200, 14)
     np.savez(tmp_path / "test.npz", x=xe.numpy(), y=ye.numpy())
-    (tmp_path / "net.py").write_text("from ibau.data.synthetic import TinyNet\n"
+    (tmp_path / "net.py").write_text("from ibau.testing import TinyNet\n"
                                      "def make(num_classes=4):\n    return TinyNet(num_classes)\n")
     out = tmp_path / "p.safetensors"
     args = ["poison", "--model-def", f"{tmp_path / 'net.py'}:make", "--data", str(tmp_path / "train.npz"),

@@ -498,20 +498,22 @@ def test_load_dataset_dispatch(tmp_path, monkeypatch):
     _gtsrb_train(tmp_path / "g")
     assert load_dataset("gtsrb", data_dir=tmp_path / "g", split="train")[0].shape == (5, 3, 32, 32)
     assert load_dataset("gtsrb", data_dir=tmp_path / "g", split="train", size=7)[0].shape == (5, 3, 7, 7)
-    assert set(DATASETS) == {"cifar10", "gtsrb"}
+    assert set(DATASETS) == {"cifar10", "gtsrb", "digits"}
     # the registry is what dispatch consults
-    def toy(root, split, size):
-        return torch.zeros(2, 1, 2, 2), torch.tensor([0, 1])
+    from ibau.data import Dataset, Split
 
-    monkeypatch.setitem(DATASETS, "toy", toy)
+    def toy(root, split, size):
+        return Split(torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]))
+
+    monkeypatch.setitem(DATASETS, "toy", Dataset("toy", toy))
     assert load_dataset("toy", data_dir=tmp_path)[1].tolist() == [0, 1]
 
 
 def test_load_dataset_errors(tmp_path):
-    with pytest.raises(DataError, match=r"dataset 'cifar10' needs --data-dir pointing at its files"):
+    with pytest.raises(DataError, match=r"dataset 'cifar10' needs data_dir, the folder holding its files"):
         load_dataset("cifar10")
     with pytest.raises(DataError, match=r"unknown data 'foo': give a \.npz file, an image folder, "
-                                        r"or one of: cifar10, gtsrb"):
+                                        r"or one of: cifar10, digits, gtsrb"):
         load_dataset("foo")
     with pytest.raises(DataError, match="no such file or folder"):
         load_dataset(str(tmp_path / "missing.npz"))
@@ -531,7 +533,7 @@ def test_check_dataset():
     check_dataset(x, y)
     check_dataset(x, y, num_classes=43, min_size=6)
     with pytest.raises(DataError, match=r"labels go up to 42 but the model has 10 classes: "
-                                        r"pass --num-classes 43 or check the data"):
+                                        r"set num_classes to 43 or check the data"):
         check_dataset(x, y, num_classes=10)
     with pytest.raises(DataError, match=r"only class 3: at least 2 classes"):
         check_dataset(x, torch.full((6,), 3))

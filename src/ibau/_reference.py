@@ -1,7 +1,7 @@
 """A deliberately straightforward I-BAU step, structured like the authors' released code.
 
 Used as the oracle in tests (the optimised :class:`ibau.IBAU` must give the same
-hypergradient) and as the speed baseline in ``benchmarks/released_models.py``. It does
+hypergradient) and as the speed baseline in ``benchmarks/perf/hypergrad_speed.py``. It does
 exactly what the authors' script does, including its redundant work: two backward
 passes through the outer loss, a vector-Jacobian product on the zero vector, weight
 gradients computed and discarded in the inner pass, unfolded BatchNorm. Not public API.

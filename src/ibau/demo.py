@@ -56,6 +56,7 @@ def run_demo(out_dir: str | os.PathLike = "ibau-demo", *, seed: int = 0, force: 
              progress: bool = True, epochs: int = 15, printer=print) -> dict[str, Any]:
     """Poison, measure, sanitise, measure; write models and reports into ``out_dir``."""
     from .io import atomic_directory, save_weights, write_json
+    from .jobs.inputs import seed_everything
     from .metrics import backdoor_metrics
     from .models import SmallVGG
     from .report import summary, write_report_files
@@ -75,6 +76,7 @@ def run_demo(out_dir: str | os.PathLike = "ibau-demo", *, seed: int = 0, force: 
 
     printer(f"digits: {len(tr)} training images ({len(poisoned)} poisoned: 2x2 patch -> class {TARGET}), "
             f"{len(clean)} clean images for the defender, {len(te)} test images")
+    seed_everything(seed)  # the model is built after seeding: same seed, same run
     model = SmallVGG(num_classes=10, in_channels=1, image_size=8)
     train_classifier(model, x_tr, y_tr, epochs=epochs, batch_size=64, seed=seed, progress=progress,
                      desc="training the poisoned model")

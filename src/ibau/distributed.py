@@ -15,7 +15,10 @@ on the whole data with the same global batch size and seed (up to float rounding
 
 Only rank 0 writes files and shows progress. The backend is gloo on CPU and NCCL on
 GPUs (one GPU per rank: ``cuda:LOCAL_RANK``). Nothing changes for a single process:
-:func:`current` is ``None`` and every helper is the identity.
+:func:`current` is ``None`` and every helper is the identity. Code written for several
+processes runs unchanged in one through :func:`communicator`, which returns the group's
+:class:`Comm` or the :class:`SingleProcess` stand-in (rank 0 of 1, every reduction the
+identity).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Comm", "current", "init_from_env", "launched", "shard_slice", "is_main", "count_correct",
-           "shutdown"]
+__all__ = ["Comm", "SingleProcess", "communicator", "current", "init_from_env", "launched", "shard_slice",
+           "is_main", "count_correct", "shutdown"]
 
 
 @dataclass
@@ -72,6 +75,55 @@ class Comm:
         t = torch.tensor([float(value), -float(value)], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
         return float(t[0]) == float(value) and -float(t[1]) == float(value)
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous part of ``n`` items (:func:`shard_slice`)."""
+        return shard_slice(n, self.rank, self.world)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and shows progress."""
+        return self.rank == 0
+
+
+@dataclass
+class SingleProcess(Comm):
+    """The stand-in for one process: rank 0 of 1; sums over ranks return their input
+    (the same tensors), broadcasts do nothing, every value is the same everywhere."""
+
+    rank: int = 0
+    world: int = 1
+
+    def all_reduce_sum(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        return list(tensors)
+
+    def sum_float(self, value: float, device: torch.device | str = "cpu") -> float:
+        return value
+
+    def broadcast_(self, tensors: Sequence[Tensor], src: int = 0) -> None:
+        return None
+
+    def same_everywhere(self, value: float, device: torch.device | str = "cpu") -> bool:
+        return True
+
+
+def communicator(distributed: bool | None = None) -> Comm:
+    """The communicator data-parallel code uses: the initialised group of several
+    processes (:func:`current`) when ``distributed`` is ``None`` (use it if there is one)
+    or ``True`` (require it), else :class:`SingleProcess`.
+
+    Raises:
+        InputError: ``distributed=True`` without such a group.
+    """
+    comm = None if distributed is False else current()
+    if comm is None:
+        if distributed:
+            from .errors import InputError
+
+            raise InputError("distributed=True needs an initialised torch.distributed group of several processes "
+                             "(launch with torchrun)")
+        return SingleProcess()
+    return comm
 
 
 def launched() -> bool:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .errors import InputError, check_int
+
 __all__ = ["implicit_grad", "SOLVERS"]
 
 TensorList = list[Tensor]
@@ -115,7 +117,8 @@ def implicit_grad(
     iters: int = 5,
     tol: float = 1e-10,
     reduce: Callable[[TensorList], TensorList] | None = None,
-) -> TensorList:
+    return_loss: bool = False,
+) -> TensorList | tuple[TensorList, Tensor]:
     """Hypergradient ``d outer_loss / d outer`` through the implicit function theorem.
 
     Args:
@@ -135,20 +138,20 @@ def implicit_grad(
             loss's inner gradient and every product ``(dPhi/dw)^T v`` -- so all
             processes solve the same linear system; the returned outer gradient is
             still this process's share (sum it over processes too).
+        return_loss: also return the value of ``outer_loss`` (detached).
 
     Returns:
-        One tensor per entry of ``outer``. ``.grad`` is never written.
+        One tensor per entry of ``outer`` (with ``return_loss``: and the outer loss, as
+        ``(grads, loss)``). ``.grad`` is never written.
 
     The fixed-point solver returns ``dE/dtheta + (dPhi/dtheta)^T v_K`` with
     ``v_K = sum_{k<K} (dPhi/dw^T)^k dE/dw``, exactly the iteration
     ``v <- J^T v + dE/dw`` from ``v = 0`` (reference.md §1).
     """
-    try:
-        solve = SOLVERS[solver]
-    except KeyError:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}") from None
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    if solver not in SOLVERS:
+        raise InputError(f"unknown solver {solver!r} (parameter solver); choose one of {sorted(SOLVERS)}")
+    solve = SOLVERS[solver]
+    check_int("iters", iters, low=0)
     inner = [w.detach().requires_grad_(True) for w in inner]
     outer = list(outer)
     n_in = len(inner)
@@ -168,4 +171,5 @@ def implicit_grad(
         rhs = [g.detach() for g in g_inner]
         v = solve(jvp_t, rhs if reduce is None else reduce(rhs), iters, tol)
         mixed = _grads(mapped, outer, v)
-    return [go + m for go, m in zip(g_outer, mixed)]
+    grads = [go + m for go, m in zip(g_outer, mixed)]
+    return (grads, loss.detach()) if return_loss else grads

@@ -46,6 +46,10 @@ def _unwrap(obj: Any) -> dict[str, Tensor]:
                 continue
         raise WeightsError("the file holds no state dict (a mapping of names to tensors, "
                            f"possibly under one of the keys {', '.join(_WRAPPER_KEYS)})")
+    if not (isinstance(obj, Mapping) and obj and all(isinstance(k, str) and isinstance(v, Tensor)
+                                                      for k, v in obj.items())):
+        raise WeightsError("the file holds no state dict (a mapping of names to tensors, "
+                           f"possibly under one of the keys {', '.join(_WRAPPER_KEYS)})")
     sd = dict(obj)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -111,8 +115,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         raise WeightsError(f"cannot read {path} as a PyTorch weights file "
                            f"({detail[0] if detail else 'corrupt pickle'})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise WeightsError(f"cannot read {path} as a PyTorch weights file: {exc}") from None
+    except Exception as exc:  # any other failure of the restricted unpickler is a refusal too
+        first = str(exc).strip().splitlines()
+        raise WeightsError(f"cannot read {path} as a PyTorch weights file: {type(exc).__name__}"
+                           + (f": {first[0][:300]}" if first else "")) from None
     return _unwrap(obj)
 
 
@@ -141,6 +147,26 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: str | os.PathLike, folder: bool = False) -> None:
+    """Temporary files are created 0600 (folders 0700); give the result the mode a plain
+    ``open``/``mkdir`` would have given it under the user's umask."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, force: bool = False) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
 
@@ -154,6 +180,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, force
     os.close(fd)
     try:
         write(tmp)
+        _apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -175,6 +202,7 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterato
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        _apply_umask(tmp, folder=True)
         yield tmp
         if path.exists():
             shutil.rmtree(path)

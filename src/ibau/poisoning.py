@@ -36,6 +36,10 @@ def poison_and_train(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, *, 
 
     Returns a record with the poisoned count and, given ``eval_data``, ACC/ASR/RA.
     """
+    from .data.poison import check_attack_targets, check_ratio
+
+    check_ratio(ratio)
+    check_attack_targets(attack, _output_classes(model, x))
     data = attack.poisoned_set(x, y, ratio, seed=seed)
     attack.train_poisoned(model, data, config, checkpoint=checkpoint, progress=progress)
     record: dict[str, Any] = {"attack": attack.name, "ratio": ratio, "training_size": len(data),
@@ -45,8 +49,26 @@ def poison_and_train(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, *, 
     return record
 
 
+def _output_classes(model: nn.Module, x: Tensor) -> int:
+    """The model's number of outputs (classes), from one image; modes are restored."""
+    from .metrics import model_device
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:1].to(model_device(model)))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return int(out.shape[-1])
+
+
 def subset(x: Tensor, y: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
-    """A seeded random ``n`` of ``(x, y)`` (all of it when ``n`` is None)."""
+    """A seeded random ``n`` (>= 1) of ``(x, y)`` (all of it when ``n`` is None)."""
+    from .errors import check_int
+
+    check_int("subset", n, low=1, allow_none=True)
     if n is None or n >= len(x):
         return x, y
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]

@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import InputError, check_int, check_number
 from .metrics import model_device, predict
+from .perturbation import add, universal_search
 
 __all__ = ["UniversalAttackResult", "universal_attack", "find_universal_perturbation"]
 
@@ -44,40 +45,28 @@ def find_universal_perturbation(model: nn.Module, x: Tensor, *, norm_bound: floa
 
     Each step moves ``delta`` by ``step`` (default: a quarter of the bound, decaying
     linearly to 0) along the normalised gradient; batches are visited in a seeded
-    random order for ``passes`` passes. With ``norm_bound=None`` the images are clipped
-    to [0, 1] and the step is 2.0.
+    random order for ``passes`` passes (:func:`ibau.perturbation.universal_search`).
+    With ``norm_bound=None`` the images are clipped to [0, 1] and the step is 2.0.
     """
     if len(x) == 0:
-        raise ValueError("no images to search a perturbation on")
+        raise InputError("x is empty: no images to search a perturbation on")
+    check_number("norm_bound", norm_bound, low=0, low_open=True, allow_none=True)
+    check_int("passes", passes, low=1)
+    check_int("batch_size", batch_size, low=1)
+    check_number("step", step, low=0, low_open=True, allow_none=True)
     device = model_device(model)
     was_training = model.training
     model.eval()
-    g = torch.Generator().manual_seed(seed)
-    clip = clip_images or norm_bound is None
     base_step = step if step is not None else (0.25 * norm_bound if norm_bound is not None else 2.0)
     labels = predict(model, x, batch_size=batch_size)
-    delta = torch.zeros((1, *x.shape[1:]), device=device)
-    n_batches = (len(x) + batch_size - 1) // batch_size
-    total = passes * n_batches
-    k = 0
+    batches = [(x[i:i + batch_size].to(device, torch.float32), labels[i:i + batch_size].to(device))
+               for i in range(0, len(x), batch_size)]
     try:
-        for _ in range(passes):
-            for b in torch.randperm(n_batches, generator=g).tolist():
-                xb = x[b * batch_size:(b + 1) * batch_size].to(device, torch.float32)
-                yb = labels[b * batch_size:(b + 1) * batch_size].to(device)
-                d = delta.clone().requires_grad_(True)
-                inp = xb + d
-                if clip:
-                    inp = inp.clamp(0, 1)
-                (grad,) = torch.autograd.grad(F.cross_entropy(model(inp), yb), [d])
-                size = base_step * (1 - k / total)
-                delta = delta + size * grad / grad.norm().clamp_min(1e-12)
-                if norm_bound is not None:
-                    delta = delta * min(1.0, norm_bound / max(float(delta.norm()), 1e-12))
-                k += 1
+        return universal_search(model, batches, norm_bound=norm_bound, clip=clip_images or norm_bound is None,
+                                step_size=base_step, passes=passes, decay=True,
+                                generator=torch.Generator().manual_seed(seed))
     finally:
         model.train(was_training)
-    return delta.detach()
 
 
 def universal_attack(model: nn.Module, x_search: Tensor, x_eval: Tensor, y_eval: Tensor, *,
@@ -90,14 +79,9 @@ def universal_attack(model: nn.Module, x_search: Tensor, x_eval: Tensor, y_eval:
     delta = find_universal_perturbation(model, x_search, norm_bound=norm_bound, passes=passes,
                                         batch_size=batch_size, seed=seed)
     y_eval = torch.as_tensor(y_eval).long()
-    clip = norm_bound is None
     clean = predict(model, x_eval, batch_size=batch_size)
-
-    def add(xb: Tensor) -> Tensor:
-        out = xb + delta.to(xb.device)
-        return out.clamp(0, 1) if clip else out
-
-    pert = predict(model, x_eval, batch_size=batch_size, transform=add)
+    pert = predict(model, x_eval, batch_size=batch_size,
+                   transform=lambda xb: add(xb, delta.to(xb.device), clip=norm_bound is None))
     correct = clean == y_eval
     success = float((pert[correct] != y_eval[correct]).float().mean()) if correct.any() else 0.0
     counts = torch.bincount(pert)

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import InputError, check_int, check_number
 from .metrics import model_device
 
-__all__ = ["TrainConfig", "train", "train_classifier"]
+__all__ = ["TrainConfig", "train", "train_classifier", "load_checkpoint"]
 
 
 @dataclass
@@ -28,8 +29,39 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, low=0, high=100_000)
+        check_int("batch_size", self.batch_size, low=1, high=1_000_000)
+        check_number("lr", self.lr, low=0, low_open=True, high=10)
+        check_int("seed", self.seed, low=0, high=2**63 - 1)
+
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+_CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "generator": Tensor, "torch_rng": Tensor, "epoch": int,
+                    "config": dict}
+
+
+def load_checkpoint(path: str | os.PathLike, config: TrainConfig) -> dict:
+    """A training checkpoint written by :func:`train`, read with ``weights_only=True``
+    (nothing is unpickled beyond plain tensors and containers) and checked: its keys and
+    types, its epoch, and that it was written with ``config``. A corrupt, foreign or
+    hostile file is refused with :class:`~ibau.errors.InputError` saying how to start over."""
+    path = Path(path)
+    fix = f"delete {path} to start the training over"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"the checkpoint {path} cannot be read safely ({type(exc).__name__}); {fix}") from None
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in _CHECKPOINT_KEYS.items()):
+        raise InputError(f"the checkpoint {path} is not a training checkpoint of ibau; {fix}")
+    if state["config"] != config.as_dict():
+        raise InputError(f"the checkpoint {path} was written with another training config {state['config']}; "
+                         f"run with that config to resume, or {fix}")
+    if not 0 <= state["epoch"] <= config.epochs:
+        raise InputError(f"the checkpoint {path} has an impossible epoch {state['epoch']}; {fix}")
+    return state
 
 
 def _as_set(data):
@@ -82,13 +114,15 @@ def train(model: nn.Module, data, config: TrainConfig = TrainConfig(), *, checkp
     start = 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("config") != config.as_dict():
-            raise ValueError(f"checkpoint {ckpt} was written with another config: {state.get('config')}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        g.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        state = load_checkpoint(ckpt, config)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            g.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except Exception as exc:
+            raise InputError(f"the checkpoint {ckpt} does not fit this model or run ({type(exc).__name__}); "
+                             "delete it to start the training over") from None
         start = int(state["epoch"])
     else:
         torch.manual_seed(config.seed)

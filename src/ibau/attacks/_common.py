@@ -12,23 +12,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError, check_int, check_number
 from ..metrics import model_device  # noqa: F401  (re-exported for the attack modules)
-from .base import Attack
+from .base import Attack, check_target
 from .trigger import Trigger
 
 NOT_PREPARED = "call prepare(model, x) first (or load_state_dict) to generate the {} trigger"
 
 
-def as_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in image_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}")
+def as_shape(image_shape: Sequence[int], name: str = "image_shape") -> tuple[int, int, int]:
+    """``(C, H, W)`` of positive ints; :class:`InputError` naming ``name`` otherwise."""
+    try:
+        items = list(image_shape)
+    except TypeError:
+        raise InputError(f"{name} must be (C, H, W), got {image_shape!r}") from None
+    if len(items) != 3:
+        raise InputError(f"{name} must be (C, H, W), got {image_shape!r}")
+    shape = tuple(int(check_int(f"{name}[{i}]", v, low=1)) for i, v in enumerate(items))
     return shape  # type: ignore[return-value]
 
 
 def shape_of(x: Tensor) -> tuple[int, int, int]:
+    if not isinstance(x, Tensor):
+        raise InputError(f"images must be a torch tensor, got {type(x).__name__}")
     if x.dim() not in (3, 4):
-        raise ValueError(f"images must be (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
+        raise InputError(f"images must be (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
     return as_shape(x.shape[-3:])
 
 
@@ -258,9 +266,9 @@ class GeneratedAttack(TriggerAttack):
     def __init__(self, *, target: int, steps: int, lr: float, seed: int = 0, batch_size: int = 128,
                  image_shape: Sequence[int] = (3, 32, 32)):
         super().__init__(target=target, seed=seed, image_shape=image_shape)
-        if int(steps) < 0 or int(batch_size) < 1:
-            raise ValueError("steps must be >= 0 and batch_size >= 1")
-        self.steps, self.lr, self.batch_size = int(steps), float(lr), int(batch_size)
+        self.steps = int(check_int("steps", steps, low=0))
+        self.lr = float(check_number("lr", lr, low=0, low_open=True))
+        self.batch_size = int(check_int("batch_size", batch_size, low=1))
 
     def prepare(self, model: nn.Module | None = None, x: Tensor | None = None, y: Tensor | None = None) -> "GeneratedAttack":
         if model is None:
@@ -268,6 +276,9 @@ class GeneratedAttack(TriggerAttack):
         pool = clean_pool(x, y, self.target).to(model_device(model))
         shape = shape_of(pool)
         with frozen_eval(model):
+            with torch.no_grad():
+                classes = int(model(pool[:1]).shape[-1])
+            check_target(self.target, classes)
             trigger = self._generate(model, pool, seeded(self.seed))
         self._trigger = Trigger(trigger.pattern.detach().cpu().float().contiguous(),
                                 None if trigger.mask is None else trigger.mask.detach().cpu().float().contiguous())

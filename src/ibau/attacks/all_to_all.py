@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ._common import as_shape, constructor_config, shape_of
 from .badnets import BadNets
+from ..errors import InputError, check_int, check_number
 from .base import Attack, register_attack
 
 __all__ = ["AllToAll"]
@@ -41,10 +42,9 @@ class AllToAll(Attack):
     def __init__(self, num_classes: int = 10, trigger: Attack | Callable[[Tensor], Tensor] | None = None, *,
                  image_shape: Sequence[int] = (3, 32, 32)):
         super().__init__(target=0, seed=getattr(trigger, "seed", 0))
-        if int(num_classes) < 2:
-            raise ValueError("num_classes must be >= 2")
+        check_int("num_classes", num_classes, low=2)
         if trigger is not None and not callable(trigger):
-            raise TypeError("trigger must be an Attack or a callable")
+            raise InputError(f"trigger must be an Attack or a callable, got {type(trigger).__name__}")
         self.target = None  # type: ignore[assignment]
         self.num_classes = int(num_classes)
         self.image_shape = as_shape(image_shape)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ..errors import InputError, check_int, check_number
 from ._common import TriggerAttack, as_shape, shape_of
 from .base import register_attack
 from .trigger import badnets_square
@@ -42,15 +43,16 @@ class BadNets(TriggerAttack):
     def __init__(self, *, target: int = 8, patch: int = 4, margin: int = 1,
                  image_shape: Sequence[int] = (3, 32, 32)):
         super().__init__(target=target, seed=0, image_shape=image_shape)
-        self.patch, self.margin = int(patch), int(margin)
+        self.patch = int(check_int("patch", patch, low=1))
+        self.margin = int(check_int("margin", margin, low=0))
         self._build(self.image_shape)
 
     def _build(self, shape: tuple[int, int, int]) -> None:
         c, h, w = shape
         if h != w:
-            raise ValueError(f"BadNets expects square images, got {h}x{w}")
+            raise InputError(f"image_shape: BadNets expects square images, got {h}x{w}")
         if self.patch + self.margin > h:
-            raise ValueError(f"a {self.patch}px patch with margin {self.margin} does not fit {h}x{w} images")
+            raise InputError(f"patch: a {self.patch}px patch with margin {self.margin} does not fit {h}x{w} images")
         self.image_shape = as_shape(shape)
         self._trigger = badnets_square(c, h, self.patch, self.margin)
 

@@ -16,7 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Attack", "ATTACKS", "register_attack", "create_attack"]
+from ..errors import InputError, check_int
+from ..registry import Registry
+
+__all__ = ["Attack", "ATTACKS", "register_attack", "create_attack", "check_target"]
 
 
 class Attack(abc.ABC):
@@ -27,8 +30,9 @@ class Attack(abc.ABC):
     needs_model: bool = False
 
     def __init__(self, *, target: int = 0, seed: int = 0):
-        self.target = int(target)
-        self.seed = int(seed)
+        # the range of ``target`` is checked where the class count is known (prepare, poisoning)
+        self.target = int(check_int("target", target, low=0))
+        self.seed = int(check_int("seed", seed, low=0, high=2**63 - 1))
 
     # -- the two things every attack defines --------------------------------------
     @abc.abstractmethod
@@ -75,24 +79,33 @@ class Attack(abc.ABC):
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
-ATTACKS: dict[str, type[Attack]] = {}
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+"""name -> attack class (``@register_attack`` fills it)."""
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
-    if not cls.name:
-        raise ValueError("an attack class needs a name")
-    if cls.name in ATTACKS:
-        raise ValueError(f"attack {cls.name!r} is already registered")
-    ATTACKS[cls.name] = cls
-    return cls
+    """Class decorator: add ``cls`` to :data:`ATTACKS` under its ``name``."""
+    return ATTACKS.register()(cls)
 
 
 def create_attack(name: str, **kwargs: Any) -> Attack:
-    try:
-        cls = ATTACKS[name]
-    except KeyError:
-        raise KeyError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}") from None
+    """The attack ``name`` built with ``kwargs``; :class:`~ibau.errors.InputError` for an
+    unknown name or a keyword the class does not take."""
+    import inspect
+
+    cls = ATTACKS.get_or_raise(name)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - {n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL})
+        if unknown:
+            known = ", ".join(n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL)
+            raise InputError(f"attack {name!r} has no setting {', '.join(unknown)}; its settings: {known}")
     return cls(**kwargs)
+
+
+def check_target(target: int, num_classes: int | None, name: str = "target") -> int:
+    """``target`` is a class id below ``num_classes`` (when known); else InputError."""
+    return int(check_int(name, target, low=0, high=None if num_classes is None else int(num_classes) - 1))
 
 
 TriggerFn = Callable[[Tensor], Tensor]

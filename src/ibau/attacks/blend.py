@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import TriggerAttack, as_shape, fit_channels, resize, seeded, shape_of
+from ..errors import InputError, check_int, check_number
 from .base import register_attack
 from .trigger import Trigger
 
@@ -85,14 +86,15 @@ class Blend(TriggerAttack):
     def __init__(self, *, target: int = 1, alpha: float = 0.2, image: Tensor | str | Path | None = None,
                  seed: int = 0, image_shape: Sequence[int] = (3, 32, 32)):
         super().__init__(target=target, seed=seed, image_shape=image_shape)
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = float(check_number("alpha", alpha, low=0.0, high=1.0))
         self.image = str(image) if isinstance(image, (str, Path)) else None  # config: the file, if any
         if isinstance(image, Tensor):
             image = image.detach().cpu().float()
-            if image.dim() != 3 or image.min() < 0 or image.max() > 1:
-                raise ValueError("image must be a (C, H, W) tensor with values in [0, 1]")
+            if image.dim() != 3 or image.numel() == 0 or not bool(torch.isfinite(image).all()) \
+                    or image.min() < 0 or image.max() > 1:
+                raise InputError("image must be a (C, H, W) tensor with values in [0, 1]")
+        elif image is not None and not isinstance(image, (str, Path)):
+            raise InputError(f"image must be a file path, a (C, H, W) tensor or None, got {type(image).__name__}")
         self._source = image
         self._build(self.image_shape)
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..data.poison import TensorSet
 from ._common import NOT_PREPARED, FeatureProbe, constructor_config, frozen_eval, model_device, seeded, shape_of
+from ..errors import InputError, check_int, check_number
 from .base import Attack, register_attack
 
 __all__ = ["HiddenTrigger", "HiddenTriggerSet", "random_patch", "paste_patch"]
@@ -149,23 +150,28 @@ class HiddenTrigger(Attack):
 
     name = "hidden_trigger"
     needs_model = True
+    #: ``prepare`` needs the labels of the training set (it picks target and source images)
+    needs_labels = True
 
     def __init__(self, *, target: int = 8, source: int | None = 5, num_poisons: int = 800, num_source: int = 1500,
                  eps: float = 16 / 255, patch_size: int = 8, steps: int = 500, step_size: float = 1 / 255,
                  lr_decay: float = 0.95, decay_every: int = 100, batch_size: int = 100,
                  feature_layer: str | None = None, location: str = "random", seed: int = 0):
         super().__init__(target=target, seed=seed)
-        self.source = None if source is None else int(source)
+        self.source = None if source is None else int(check_int("source", source, low=0))
         if self.source == self.target:
-            raise ValueError(f"source and target must differ, both are {target}")
-        if int(num_poisons) < 1 or int(num_source) < 1 or int(patch_size) < 1 or int(batch_size) < 1:
-            raise ValueError("num_poisons, num_source, patch_size and batch_size must be >= 1")
-        if not 0 < float(eps) <= 1:
-            raise ValueError(f"eps is in [0, 1] pixel units and must lie in (0, 1], got {eps}")
-        if int(steps) < 0 or float(step_size) <= 0 or not 0 < float(lr_decay) <= 1 or int(decay_every) < 1:
-            raise ValueError("need steps >= 0, step_size > 0, 0 < lr_decay <= 1 and decay_every >= 1")
+            raise InputError(f"source and target must differ, both are {target}")
+        for pname, value in (("num_poisons", num_poisons), ("num_source", num_source), ("patch_size", patch_size),
+                             ("batch_size", batch_size), ("decay_every", decay_every)):
+            check_int(pname, value, low=1)
+        check_int("steps", steps, low=0)
+        check_number("eps", eps, low=0, low_open=True, high=1)
+        check_number("step_size", step_size, low=0, low_open=True)
+        check_number("lr_decay", lr_decay, low=0, low_open=True, high=1)
+        if feature_layer is not None and not isinstance(feature_layer, str):
+            raise InputError(f"feature_layer must be a submodule name or None, got {feature_layer!r}")
         if location not in LOCATIONS:
-            raise ValueError(f"location must be one of {LOCATIONS}, got {location!r}")
+            raise InputError(f"location must be one of {LOCATIONS}, got {location!r}")
         self.num_poisons, self.num_source = int(num_poisons), int(num_source)
         self.eps, self.patch_size = float(eps), int(patch_size)
         self.steps, self.step_size = int(steps), float(step_size)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..data.poison import TensorSet
 from ._common import as_shape, constructor_config, model_device, shape_of
+from ..errors import InputError, check_int, check_number
 from .base import Attack, register_attack
 
 __all__ = ["InputAware", "InputAwareSet", "TriggerGenerator"]
@@ -166,14 +167,17 @@ class InputAware(Attack):
                  mask_epochs: int = 25, generator_lr: float = 1e-2, width: int = 16, seed: int = 0,
                  image_shape: Sequence[int] = (3, 32, 32)):
         super().__init__(target=target, seed=seed)
-        self.poison_ratio, self.cross_ratio = float(poison_ratio), float(cross_ratio)
-        if self.poison_ratio < 0 or self.cross_ratio < 0 or self.poison_ratio + self.cross_ratio > 1:
-            raise ValueError(f"poison_ratio and cross_ratio must be >= 0 with a sum <= 1, "
+        self.poison_ratio = float(check_number("poison_ratio", poison_ratio, low=0, high=1))
+        self.cross_ratio = float(check_number("cross_ratio", cross_ratio, low=0, high=1))
+        if self.poison_ratio + self.cross_ratio > 1:
+            raise InputError(f"poison_ratio and cross_ratio must have a sum <= 1, "
                              f"got {poison_ratio} and {cross_ratio}")
-        if not 0 < float(mask_density) <= 1:
-            raise ValueError(f"mask_density must lie in (0, 1], got {mask_density}")
-        if int(mask_epochs) < 0 or int(width) < 1 or float(generator_lr) <= 0:
-            raise ValueError("mask_epochs must be >= 0, width >= 1 and generator_lr > 0")
+        check_number("mask_density", mask_density, low=0, low_open=True, high=1)
+        check_int("mask_epochs", mask_epochs, low=0)
+        check_int("width", width, low=1)
+        check_number("generator_lr", generator_lr, low=0, low_open=True)
+        check_number("lambda_div", lambda_div, low=0)
+        check_number("lambda_norm", lambda_norm, low=0)
         self.lambda_div, self.lambda_norm = float(lambda_div), float(lambda_norm)
         self.mask_density, self.mask_epochs = float(mask_density), int(mask_epochs)
         self.generator_lr, self.width = float(generator_lr), int(width)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import GeneratedAttack, as_shape, batches
+from ..errors import InputError, check_int, check_number
 from .base import register_attack
 from .trigger import Trigger
 
@@ -59,9 +60,8 @@ class L0Inv(GeneratedAttack):
                  image_shape: Sequence[int] = (3, 32, 32)):
         super().__init__(target=target, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                          image_shape=image_shape)
-        if int(pixels) < 1:
-            raise ValueError("pixels must be >= 1")
-        self.pixels, self.reg = int(pixels), float(reg)
+        self.pixels = int(check_int("pixels", pixels, low=1))
+        self.reg = float(check_number("reg", reg, low=0))
         self._fixed = False
 
     @classmethod
@@ -160,9 +160,8 @@ class L2Inv(GeneratedAttack):
                  image_shape: Sequence[int] = (3, 32, 32)):
         super().__init__(target=target, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                          image_shape=image_shape)
-        if float(norm) <= 0:
-            raise ValueError("norm must be > 0")
-        self.norm, self.reg = float(norm), float(reg)
+        self.norm = float(check_number("norm", norm, low=0, low_open=True))
+        self.reg = float(check_number("reg", reg, low=0))
 
     def _generate(self, model: nn.Module, x: Tensor, gen: torch.Generator) -> Trigger:
         n, c, h, w = x.shape

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .badnets import BadNets
+from ..errors import InputError, check_int, check_number
 from .base import Attack, register_attack
 from .blend import Blend
 from .invisible import L0Inv, L2Inv
@@ -48,13 +49,14 @@ class MultiTrigger(Attack):
         self.target = None  # type: ignore[assignment]
         pairs = list(pairs)
         if not pairs:
-            raise ValueError("MultiTrigger needs at least one (attack, target) pair")
+            raise InputError("pairs: MultiTrigger needs at least one (attack, target) pair")
         for i, pair in enumerate(pairs):
-            if len(pair) != 2 or not isinstance(pair[0], Attack):
-                raise TypeError(f"pair {i} is not an (Attack, target) pair: {pair!r}")
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], Attack):
+                raise InputError(f"pairs[{i}] is not an (Attack, target) pair: {pair!r}")
             atk, tgt = pair
+            check_int(f"pairs[{i}] target", tgt, low=0)
             if atk.needs_model and isinstance(atk.target, int) and atk.target != int(tgt):
-                raise ValueError(f"pair {i}: {atk.name} is generated towards {atk.target}, but its target is {tgt}")
+                raise InputError(f"pair {i}: {atk.name} is generated towards {atk.target}, but its target is {tgt}")
         self.attacks: list[Attack] = [a for a, _ in pairs]
         self.targets: list[int] = [int(t) for _, t in pairs]
         self.needs_model = any(a.needs_model for a in self.attacks)
@@ -66,8 +68,8 @@ class MultiTrigger(Attack):
         Blend->3, l0-inv->4, l2-inv->5, each with its class's defaults and ``seed``.
         ``generation`` (e.g. ``steps=50, batch_size=64``) goes to every model-dependent
         attack."""
-        if num_classes < 10:
-            raise ValueError("the paper's preset uses targets up to 9: num_classes must be >= 10")
+        if check_int("num_classes", num_classes, low=2) < 10:
+            raise InputError("the paper's preset uses targets up to 9: num_classes must be >= 10")
         kw = dict(seed=seed, image_shape=image_shape, **generation)
         pairs: list[tuple[Attack, int]] = [
             (TrojanWatermark(target=9, **kw), 9),

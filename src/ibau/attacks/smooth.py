@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import GeneratedAttack, batches, shape_of
+from ..errors import InputError, check_int, check_number
 from .base import register_attack
 from .trigger import Trigger
 
@@ -93,9 +94,8 @@ class Smooth(GeneratedAttack):
                  image_shape: Sequence[int] = (3, 32, 32)):
         super().__init__(target=target, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                          image_shape=image_shape)
-        if float(max_value) <= 0:
-            raise ValueError("max_value must be > 0")
-        self.sigma, self.max_value = float(sigma), float(max_value)
+        self.sigma = float(check_number("sigma", sigma, low=0, low_open=True))
+        self.max_value = float(check_number("max_value", max_value, low=0, low_open=True, high=1))
 
     def _smooth(self, u: Tensor) -> Tensor:
         b = gaussian_blur(u, self.sigma)

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 
 class Trigger:
     """An input-space trigger ``x -> clip(x * (1 - mask) + pattern, 0, 1)``.
@@ -22,15 +24,20 @@ class Trigger:
     """
 
     def __init__(self, pattern: Tensor, mask: Tensor | None = None):
-        pattern = torch.as_tensor(pattern, dtype=torch.float32)
-        if pattern.dim() != 3:
-            raise ValueError(f"pattern must be (C, H, W), got shape {tuple(pattern.shape)}")
+        try:
+            pattern = torch.as_tensor(pattern, dtype=torch.float32)
+            mask = None if mask is None else torch.as_tensor(mask, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InputError(f"pattern and mask must be numeric tensors ({e})") from None
+        if pattern.dim() != 3 or pattern.numel() == 0:
+            raise InputError(f"pattern must be (C, H, W), got shape {tuple(pattern.shape)}")
+        if not bool(torch.isfinite(pattern).all()):
+            raise InputError("pattern holds NaN or inf values")
         if mask is not None:
-            mask = torch.as_tensor(mask, dtype=torch.float32)
-            if mask.dim() != 3 or mask.shape[-2:] != pattern.shape[-2:]:
-                raise ValueError(f"mask shape {tuple(mask.shape)} does not fit pattern {tuple(pattern.shape)}")
-            if mask.min() < 0 or mask.max() > 1:
-                raise ValueError("mask values must lie in [0, 1]")
+            if mask.dim() != 3 or mask.shape[-2:] != pattern.shape[-2:] or mask.shape[0] not in (1, pattern.shape[0]):
+                raise InputError(f"mask shape {tuple(mask.shape)} does not fit pattern {tuple(pattern.shape)}")
+            if not bool(torch.isfinite(mask).all()) or mask.min() < 0 or mask.max() > 1:
+                raise InputError("mask values must be finite and lie in [0, 1]")
         self.pattern = pattern
         self.mask = mask
 
@@ -59,10 +66,21 @@ class Trigger:
         """
         from PIL import Image
 
-        arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) * scale
+        try:
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert("RGB"), dtype=np.float32) * scale
+        except Exception as e:  # any failure while decoding an untrusted file
+            raise InputError(f"cannot read trigger image {path} ({type(e).__name__}): give a PNG/JPEG/BMP image") from None
         pattern = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         if isinstance(mask, (str, Path)):
-            mask = torch.from_numpy(np.load(mask).astype(np.float32))
+            try:
+                m = np.load(mask, allow_pickle=False)
+                if not isinstance(m, np.ndarray) or not (np.issubdtype(m.dtype, np.number) or m.dtype == np.bool_):
+                    raise ValueError("not a numeric array")
+                mask = torch.from_numpy(m.astype(np.float32))
+            except Exception as e:  # any failure while decoding an untrusted file
+                raise InputError(f"cannot read trigger mask {mask} ({type(e).__name__}): save a (C, H, W) "
+                                 "float array in [0, 1] with np.save") from None
         return cls(pattern, mask)
 
     # -- use ----------------------------------------------------------------------

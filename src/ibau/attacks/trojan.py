@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import FeatureProbe, GeneratedAttack, as_shape, batches, frozen_eval, model_device
+from ..errors import InputError, check_int, check_number
 from .base import register_attack
 from .trigger import Trigger
 
@@ -53,9 +54,11 @@ class _Trojan(GeneratedAttack):
                  seed: int, batch_size: int, image_shape: Sequence[int]):
         super().__init__(target=target, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                          image_shape=image_shape)
-        if float(norm) <= 0 or int(neurons) < 1:
-            raise ValueError("norm must be > 0 and neurons >= 1")
-        self.norm, self.layer, self.neurons = float(norm), layer, int(neurons)
+        self.norm = float(check_number("norm", norm, low=0, low_open=True))
+        self.neurons = int(check_int("neurons", neurons, low=1))
+        if layer is not None and not isinstance(layer, str):
+            raise InputError(f"layer must be a submodule name or None, got {layer!r}")
+        self.layer = layer
         self.selected: list[int] | None = None  # chosen unit indices, set by prepare
 
     def _region(self, shape: tuple[int, int, int]) -> Tensor:  # pragma: no cover
@@ -165,7 +168,13 @@ class TrojanSquare(_Trojan):
                  batch_size: int = 128, image_shape: Sequence[int] = (3, 32, 32)):
         super().__init__(target=target, norm=norm, layer=layer, neurons=neurons, steps=steps, lr=lr, seed=seed,
                          batch_size=batch_size, image_shape=image_shape)
-        self.size, self.corner = int(size), (int(corner[0]), int(corner[1]))
+        self.size = int(check_int("size", size, low=1))
+        if isinstance(corner, (str, bytes)) or not hasattr(corner, "__len__") or len(corner) != 2:
+            raise InputError(f"corner must be a (row, column) pair, got {corner!r}")
+        self.corner = (int(check_int("corner[0]", corner[0], low=0)), int(check_int("corner[1]", corner[1], low=0)))
+        if max(self.corner) + self.size > 32:  # given for 32x32 images (scaled to others)
+            raise InputError(f"size: a {self.size}px square at corner {self.corner} does not fit 32x32 images "
+                             "(the geometry is given for 32x32 and scaled to other sizes)")
 
     def _region(self, shape: tuple[int, int, int]) -> Tensor:
         return square_mask(shape, self.size, self.corner)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..data.poison import PoisonedSet
 from ._common import as_shape, constructor_config, seeded, shape_of
+from ..errors import InputError, check_int, check_number
 from .base import Attack, register_attack
 
 __all__ = ["WaNet", "WaNetSet", "identity_grid"]
@@ -80,14 +81,10 @@ class WaNet(Attack):
     def __init__(self, *, target: int = 0, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,
                  cross_ratio: float = 2.0, seed: int = 0, image_shape: Sequence[int] = (3, 32, 32)):
         super().__init__(target=target, seed=seed)
-        if int(k) < 2:
-            raise ValueError(f"k (control grid size) must be >= 2, got {k}")
-        if float(s) < 0:
-            raise ValueError(f"s (warping strength) must be >= 0, got {s}")
-        if float(grid_rescale) <= 0:
-            raise ValueError(f"grid_rescale must be > 0, got {grid_rescale}")
-        if float(cross_ratio) < 0:
-            raise ValueError(f"cross_ratio must be >= 0, got {cross_ratio}")
+        check_int("k (control grid size)", k, low=2)
+        check_number("s (warping strength)", s, low=0)
+        check_number("grid_rescale", grid_rescale, low=0, low_open=True)
+        check_number("cross_ratio", cross_ratio, low=0)
         self.k, self.s, self.grid_rescale, self.cross_ratio = int(k), float(s), float(grid_rescale), float(cross_ratio)
         self.image_shape = as_shape(image_shape)
         ins = torch.rand(1, 2, self.k, self.k, generator=seeded(self.seed)) * 2 - 1
@@ -161,11 +158,12 @@ class WaNet(Attack):
     def poisoned_set(self, x: Tensor, y: Tensor, ratio: float, *, seed: int = 0) -> "WaNetSet":
         """``ratio`` of ``(x, y)`` warped and relabelled, ``cross_ratio`` times as many
         others in noise mode (see the class docstring). WaNet's setting: ``ratio=0.1``."""
-        if not 0 <= ratio <= 1:
-            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        from ..data.poison import check_ratio
+
+        check_ratio(ratio)
         y = torch.as_tensor(y).long()
         if len(x) != len(y):
-            raise ValueError(f"{len(x)} images but {len(y)} labels")
+            raise InputError(f"{len(x)} images but {len(y)} labels")
         self._check(x[:1] if x.dim() == 4 else x)
         candidates = torch.nonzero(self.target_of(y) != y).flatten()
         n = round(ratio * len(y))

@@ -17,15 +17,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..defenses import DEFENSES
 from .spec import Experiment, expand
 
 __all__ = ["write_report", "LAYOUTS", "collect"]
 
 EFFECTIVE_ASR = 0.2  # the paper's line
 MAX_ACC_DROP = 0.10
-NAMES = {"none": "No defense", "ibau": "I-BAU", "neural_cleanse": "NC", "deepinspect": "DI", "tabor": "TABOR",
-         "fine_pruning": "FP", "nad": "NAD", "dp": "DP", "naive_uap": "Naive UAP"}
-BASELINES = ["neural_cleanse", "deepinspect", "tabor", "fine_pruning", "nad", "dp"]
+#: column headings: "none" (no defense) and every registered defense's ``short_name``
+NAMES = {"none": "No defense", **{name: cls.short_name for name, cls in DEFENSES.items()}}
+#: the published defenses the paper compares I-BAU with (``role == "baseline"``), in Table 1's order
+BASELINES = [name for name, cls in DEFENSES.items() if cls.role == "baseline"]
 
 
 # ----------------------------------------------------------------------------- data

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..defenses import DEFENSES
 from .spec import Cell, substitute
 
-#: the order of ``order="defense"``: no defense and I-BAU first, the slow searches last
-DEFENSE_ORDER = ["none", "ibau", "naive_uap", "fine_pruning", "dp", "nad", "deepinspect", "neural_cleanse", "tabor"]
+#: the order of ``order="defense"``: no defense, then the registered defenses by ``cost_order``
+#: (I-BAU first, the slow trigger searches last)
+DEFENSE_ORDER = ["none", *sorted(DEFENSES, key=lambda name: DEFENSES[name].cost_order)]
 
 __all__ = ["DEFENSE_ORDER", "GridSummary", "stale_files", "cell_path", "finished", "run_cell", "run_grid"]
 

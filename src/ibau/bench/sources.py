@@ -72,11 +72,14 @@ def describe_attack(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_attack(spec: dict[str, Any], *, x: Tensor, num_classes: int, model_for: Any = None) -> Attack:
+def build_attack(spec: dict[str, Any], *, x: Tensor, num_classes: int, model_for: Any = None,
+                 y: Tensor | None = None) -> Attack:
     """An attack ready to apply to images shaped like ``x``.
 
     ``model_for()`` returns the model that model-dependent triggers are optimised
-    against (called only when needed).
+    against (called only when needed). Attacks that pick images by label in ``prepare``
+    (``needs_labels``: the hidden trigger's clean-label poisons) get ``y``, the labels of
+    ``x``.
     """
     spec = dict(spec)
     if "manifest" in spec:
@@ -86,12 +89,12 @@ def build_attack(spec: dict[str, Any], *, x: Tensor, num_classes: int, model_for
     if "multi" in spec:
         from ..attacks.multi import MultiTrigger
 
-        parts = [build_attack(s, x=x, num_classes=num_classes, model_for=model_for) for s in spec["multi"]]
+        parts = [build_attack(s, x=x, num_classes=num_classes, model_for=model_for, y=y) for s in spec["multi"]]
         return MultiTrigger([(a, a.target) for a in parts], seed=spec.get("seed", 0))
     if "all_to_all" in spec:
         from ..attacks.all_to_all import AllToAll
 
-        inner = build_attack(spec["all_to_all"], x=x, num_classes=num_classes, model_for=model_for)
+        inner = build_attack(spec["all_to_all"], x=x, num_classes=num_classes, model_for=model_for, y=y)
         return AllToAll(num_classes=num_classes, trigger=inner, image_shape=tuple(x.shape[1:]))
     if "image" in spec:
         return ImageTrigger(image=spec["image"], mask=spec.get("mask"), target=int(spec["target"]),
@@ -112,6 +115,10 @@ def build_attack(spec: dict[str, Any], *, x: Tensor, num_classes: int, model_for
     if getattr(attack, "needs_model", False):
         if model_for is None:
             raise SpecError(f"attack {name} optimises its trigger against a model; give the model a 'train' recipe")
+        if getattr(attack, "needs_labels", False):
+            if y is None:
+                raise SpecError(f"attack {name} picks its images by label; it can only be built for a 'train' recipe")
+            return attack.prepare(model_for(), x, y)
         return attack.prepare(model_for(), x)
     return attack.prepare(None, x)
 
@@ -200,7 +207,7 @@ def trained_model(entry: dict[str, Any], dataset: str, data_dir: str | None, cac
             else:
                 attack = build_attack(recipe["attack"], x=x, num_classes=num_classes)
             return load_weights(model, wpath).eval(), attack, {"cache_key": key, "cached": True}
-        attack = build_attack(recipe["attack"], x=x, num_classes=num_classes, model_for=clean_model)
+        attack = build_attack(recipe["attack"], x=x, num_classes=num_classes, model_for=clean_model, y=y)
         if getattr(attack, "needs_model", False):
             from ..attacks.manifest import save_manifest
 

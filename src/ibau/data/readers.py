@@ -33,7 +33,7 @@ GTSRB (:func:`load_gtsrb`)
     ``size`` x ``size`` with Pillow's bilinear filter.
 
 :func:`load_dataset` picks the right reader from a string (a ``.npz`` path, a folder,
-or a name in :data:`DATASETS`), and :func:`check_dataset` validates tensors.
+or a name in the registry :data:`ibau.data.DATASETS`), and :func:`check_dataset` validates tensors.
 
 Safety rule
 -----------
@@ -50,7 +50,6 @@ import csv
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Union
@@ -59,6 +58,7 @@ import numpy as np
 import torch
 from PIL import Image
 from ..errors import InputError
+from .datasets import DATASETS
 
 __all__ = [
     "DataError",
@@ -80,10 +80,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 _SPLITS = ("train", "test")
 _RANGE_TOL = 1e-6
 _BILINEAR = getattr(Image, "Resampling", Image).BILINEAR
-# Errors Pillow raises for files it cannot identify or decode.
-_PIL_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
-)
+# Pillow raises many kinds of exception for damaged files (OSError, ValueError, SyntaxError,
+# struct.error, IndexError, DecompressionBombError...): every one is a refusal of the file.
+_PIL_ERRORS: tuple[type[BaseException], ...] = (Exception,)
 
 
 class DataError(InputError):
@@ -170,7 +169,7 @@ def check_dataset(
         if top >= num_classes:
             raise DataError(
                 f"labels go up to {top} but the model has {num_classes} classes: "
-                f"pass --num-classes {top + 1} or check the data"
+                f"set num_classes to {top + 1} or check the data"
             )
 
 
@@ -212,6 +211,8 @@ def _check_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
 
 def _labels_from_array(y: np.ndarray, n: int, where: str) -> np.ndarray:
     """Validate a label array from a file and return it as int64."""
+    if not isinstance(y, np.ndarray):
+        raise DataError(f"y in {where} is not array data (got {type(y).__name__}): save a numeric array")
     if y.ndim != 1:
         raise DataError(f"y in {where} must be 1-D (N,), got shape {_shape(y)}: save y.reshape(-1)")
     if y.shape[0] != n:
@@ -251,7 +252,7 @@ def load_npz(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
         raise DataError(f"{p} is not a file: give a .npz file with arrays x and y")
     try:
         archive = np.load(p, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    except Exception as e:  # any failure while decoding an untrusted file
         raise DataError(
             f"{p} is not a readable .npz archive ({type(e).__name__}): "
             "save it with np.savez(path, x=x, y=y)"
@@ -271,12 +272,18 @@ def load_npz(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             x = archive["x"]
             y = archive["y"]
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        except Exception as e:  # any failure while decoding an untrusted member
             reason = (str(e).splitlines() or [""])[0]
             raise DataError(
                 f"cannot read x/y from {p} ({type(e).__name__}: {reason}): "
                 "save plain numeric arrays (no object arrays) with np.savez"
             ) from None
+    for key, arr in (("x", x), ("y", y)):
+        if not isinstance(arr, np.ndarray):
+            raise DataError(
+                f"member {key!r} of {p} is not array data (got {type(arr).__name__}): "
+                "save plain numeric arrays with np.savez(path, x=x, y=y)"
+            )
     x_t = _x_from_array(x, str(p))
     y_np = _labels_from_array(y, int(x_t.shape[0]), str(p))
     y_t = torch.from_numpy(y_np)
@@ -287,6 +294,8 @@ def load_npz(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
 def _x_from_array(x: np.ndarray, where: str) -> torch.Tensor:
     """uint8 NHWC / NHW or float NCHW array -> float32 NCHW tensor in [0,1]."""
     layouts = "N,H,W,C uint8 or N,C,H,W float"
+    if not isinstance(x, np.ndarray):
+        raise DataError(f"x in {where} is not array data (got {type(x).__name__}): save a numeric array")
     if x.dtype == np.uint8:
         if x.ndim == 3:
             x = x[..., None]
@@ -417,7 +426,7 @@ def load_image_folder(
                 raise DataError(
                     f"images differ in size ({files[0].relative_to(root)} is {first_size[0]}x{first_size[1]}, "
                     f"{f.relative_to(root)} is {s[0]}x{s[1]} WxH): pass size=(H, W) or an int "
-                    "(--size) to resize them all"
+                    "to resize them all"
                 )
         size_wh = first_size
     else:
@@ -742,23 +751,6 @@ def load_gtsrb(root: PathLike, split: str = "test", size: int = 32) -> tuple[tor
 # ---------------------------------------------------------------------- dispatching
 
 
-def _cifar10_entry(root: PathLike, split: str, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if size not in (None, 32):
-        raise DataError(f"cifar10 images are 32x32, got size={size!r}: drop --size or pass --size 32")
-    return load_cifar10(root, split=split)
-
-
-def _gtsrb_entry(root: PathLike, split: str, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return load_gtsrb(root, split=split, size=32 if size is None else size)
-
-
-DATASETS: dict[str, Callable[[PathLike, str, int | None], tuple[torch.Tensor, torch.Tensor]]] = {
-    "cifar10": _cifar10_entry,
-    "gtsrb": _gtsrb_entry,
-}
-"""Known dataset names -> reader taking ``(data_dir, split, size)``."""
-
-
 def _known() -> str:
     return ", ".join(sorted(DATASETS))
 
@@ -772,8 +764,8 @@ def load_dataset(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load ``(x, y)`` from a ``.npz`` file, an image folder, or a dataset name.
 
-    ``spec`` is tried in this order: a known name in :data:`DATASETS` when ``data_dir``
-    is given; an existing ``.npz`` file (:func:`load_npz`); an existing folder
+    ``spec`` is tried in this order: a name in the registry :data:`ibau.data.DATASETS`
+    when ``data_dir`` is given or the dataset needs none (``digits``); an existing ``.npz`` file (:func:`load_npz`); an existing folder
     (:func:`load_image_folder`, resized to ``size`` if given); a known name, which then
     needs ``data_dir`` (the folder holding its files). ``split`` applies to named
     datasets only.
@@ -781,8 +773,10 @@ def load_dataset(
     _check_split(split)
     text = os.fspath(spec)
     name = text.strip().lower()
-    if name in DATASETS and data_dir is not None:
-        return DATASETS[name](data_dir, split, size)
+    dataset = DATASETS.get(name)
+    if dataset is not None and (data_dir is not None or not dataset.needs_data_dir):
+        part = dataset.load(data_dir, split, size=size)
+        return part.x, part.y
     p = Path(text)
     if p.is_file():
         if p.suffix.lower() != ".npz":
@@ -794,8 +788,8 @@ def load_dataset(
     if p.is_dir():
         x, y, _ = load_image_folder(p, size=size)
         return x, y
-    if name in DATASETS:
-        raise DataError(f"dataset {name!r} needs --data-dir pointing at its files (data_dir=...)")
+    if dataset is not None:
+        raise DataError(f"dataset {name!r} needs data_dir, the folder holding its files")
     if p.suffix.lower() == ".npz" or os.sep in text or (os.altsep and os.altsep in text):
         raise DataError(
             f"no such file or folder {text!r}: give an existing .npz file, an image folder, "

@@ -1,27 +1,41 @@
-"""Defenses behind one interface (``Defense.fit``) and a registry ``create(name, **kwargs)``."""
+"""Defenses behind one interface (``Defense.fit``) and one registry, :data:`DEFENSES`.
+
+Adding a defense: its file (a :class:`Defense` subclass with ``name``, ``display_name``,
+``short_name``, ``role`` and ``cost_order``), one registry line below, and its test. The
+command line, the benchmark runner and its report read every list of defenses from the
+registry. The registration order is the column order of the paper's Table 1.
+"""
 
 from __future__ import annotations
 
-from .base import Defense, DefenseResult
+from ..registry import Registry
+from .base import ROLES, Defense, DefenseResult
 from .deepinspect import DeepInspect
 from .dp import DPSGD
 from .fine_pruning import FinePruning
 from .ibau import IBAU
-from .naive_uap import NaiveUAP
 from .nad import NAD
+from .naive_uap import NaiveUAP
 from .neural_cleanse import NeuralCleanse
 from .tabor import TABOR
 
-DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (IBAU, NeuralCleanse, TABOR, DeepInspect, FinePruning, NAD,
-                                                                DPSGD, NaiveUAP)}
+#: name -> defense class
+DEFENSES: Registry[type[Defense]] = Registry("defense")
+DEFENSES.register()(IBAU)
+DEFENSES.register()(NeuralCleanse)
+DEFENSES.register()(DeepInspect)
+DEFENSES.register()(TABOR)
+DEFENSES.register()(FinePruning)
+DEFENSES.register()(NAD)
+DEFENSES.register()(DPSGD)
+DEFENSES.register()(NaiveUAP)
 
 
 def create(name: str, **kwargs) -> Defense:
-    try:
-        cls = DEFENSES[name]
-    except KeyError:
-        raise KeyError(f"unknown defense {name!r}; known: {', '.join(sorted(DEFENSES))}") from None
-    return cls(**kwargs)
+    """The defense ``name`` with ``kwargs`` as settings; an unknown name raises
+    :class:`~ibau.registry.UnknownName` (an ``InputError`` and a ``KeyError``)."""
+    return DEFENSES.get_or_raise(name)(**kwargs)
 
 
-__all__ = ["Defense", "DefenseResult", "IBAU", "NeuralCleanse", "TABOR", "DeepInspect", "DPSGD", "FinePruning", "NAD", "NaiveUAP", "DEFENSES", "create"]
+__all__ = ["Defense", "DefenseResult", "IBAU", "NeuralCleanse", "TABOR", "DeepInspect", "DPSGD", "FinePruning", "NAD",
+           "NaiveUAP", "DEFENSES", "ROLES", "create"]

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..metrics import model_device
-from .base import Trace
+from ..optim import make_optimizer
+
+#: ``point(label, **numbers)``: records a usable state of the model (``Run.point``)
+Point = Callable[..., object]
 
 __all__ = ["augment", "fine_tune", "stamp_fraction", "batches_of", "mad_anomaly_index", "private_rng"]
 
@@ -73,12 +76,13 @@ def stamp_fraction(x: Tensor, stamps: Sequence[Callable[[Tensor], Tensor]], frac
 
 
 def fine_tune(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float, batch_size: int,
-              generator: torch.Generator, trace: Trace | None = None, label: str = "fine-tune epoch",
+              generator: torch.Generator, point: Point | None = None, label: str = "fine-tune epoch",
               optimizer: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9,
               transform: Callable[[Tensor], Tensor] | None = None, use_augment: bool = False,
               loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
               params: Sequence[Tensor] | None = None, progress: bool = False) -> list[float]:
-    """Cross-entropy fine-tuning of ``model`` in train mode; one ``trace`` point per epoch.
+    """Cross-entropy fine-tuning of ``model`` in train mode; ``point(label, loss=...)`` after
+    every epoch (e.g. :meth:`ibau.defenses.base.Run.point`).
 
     ``transform(xb)`` (e.g. :func:`stamp_fraction`) and seeded :func:`augment` act on each
     batch; ``loss_fn(model, xb, yb)`` replaces the cross-entropy when given.
@@ -86,19 +90,14 @@ def fine_tune(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float,
     """
     device = model_device(model)
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'sgd'")
+    opt = make_optimizer(optimizer, params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     # Dropout draws from torch's global generator: a private copy seeded from ``generator``.
     with private_rng(int(torch.randint(0, 2**62, (1,), generator=generator)), device):
-        return _fine_tune(model, x, y, opt, epochs, batch_size, generator, trace, label, transform, use_augment,
+        return _fine_tune(model, x, y, opt, epochs, batch_size, generator, point, label, transform, use_augment,
                           loss_fn, progress, device)
 
 
-def _fine_tune(model, x, y, opt, epochs, batch_size, generator, trace, label, transform, use_augment, loss_fn,
+def _fine_tune(model, x, y, opt, epochs, batch_size, generator, point, label, transform, use_augment, loss_fn,
                progress, device) -> list[float]:
     from tqdm.auto import tqdm
 
@@ -121,8 +120,8 @@ def _fine_tune(model, x, y, opt, epochs, batch_size, generator, trace, label, tr
             count += len(idx)
         model.eval()
         losses.append(total / max(count, 1))
-        if trace is not None:
-            trace.point(model, f"{label} {epoch}", loss=losses[-1])
+        if point is not None:
+            point(f"{label} {epoch}", loss=losses[-1])
     model.eval()
     return losses
 

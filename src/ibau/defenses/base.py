@@ -20,11 +20,18 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
+from ..metrics import model_device
+from ..perturbation import wrap as _wrap
+
 Evaluate = Callable[[nn.Module], dict[str, float]]
 StopWhen = Callable[[dict[str, Any]], "bool | str"]
 
-__all__ = ["Defense", "DefenseResult", "Evaluate", "StopWhen", "Trace", "StopDefense", "check_images",
-           "time_to_effect"]
+__all__ = ["Defense", "DefenseResult", "Evaluate", "StopWhen", "Trace", "StopDefense", "Run", "check_images",
+           "check_labels", "time_to_effect", "ROLES"]
+
+#: what a defense is in the paper's comparison: I-BAU, a published baseline, the naive heuristic
+ROLES = ("ours", "baseline", "heuristic")
 
 
 @dataclass
@@ -131,22 +138,48 @@ class Trace:
 
 
 def check_images(x: Tensor, y: Tensor, *, min_size: int = 1) -> tuple[Tensor, Tensor]:
-    """Validate a defender's data: float (N, C, H, W) in [0, 1] and N integer labels."""
+    """Validate a defender's data: finite float images (N, C, H, W) in [0, 1] and N integer
+    labels; :class:`~ibau.errors.InputError` naming ``x`` or ``y`` otherwise."""
     x = torch.as_tensor(x)
     y = torch.as_tensor(y)
     if x.dim() != 4:
-        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+        raise InputError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if y.dim() != 1:
+        raise InputError(f"y must hold one label per image (shape (N,)), got shape {tuple(y.shape)}")
     if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
+        raise InputError(f"x has {len(x)} images but y has {len(y)} labels")
     if len(x) == 0:
-        raise ValueError("the data is empty")
+        raise InputError("the data is empty (x and y have no images)")
     if len(x) < min_size:
-        raise ValueError(f"the data has {len(x)} images; this defense needs at least {min_size}")
+        raise InputError(f"the data has {len(x)} images; this defense needs at least {min_size}")
     if not torch.is_floating_point(x):
-        raise ValueError("x must be a float tensor in [0, 1]")
-    if torch.is_floating_point(y) and not torch.equal(y, y.round()):
-        raise ValueError("y must hold integer labels")
+        raise InputError("x must be a float tensor in [0, 1]")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError("x holds NaN or infinite values")
+    if torch.is_floating_point(y) and not (bool(torch.isfinite(y).all()) and torch.equal(y, y.round())):
+        raise InputError("y must hold integer labels")
+    if torch.is_complex(y) or y.dtype == torch.bool:
+        raise InputError("y must hold integer labels")
     return x, y.long()
+
+
+def check_labels(model: nn.Module, x: Tensor, y: Tensor) -> int:
+    """The labels ``y`` lie in ``[0, classes)`` for the model's ``classes`` outputs (one
+    forward pass on one image, in eval mode, without gradients); returns ``classes``."""
+    was = model.training
+    ref = next((t for t in model.parameters() if t.is_floating_point()), None)
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(x[:1].to(model_device(model), ref.dtype if ref is not None else x.dtype))
+    finally:
+        model.train(was)
+    classes = int(out.shape[-1])
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= classes:
+        raise InputError(f"y holds labels in [{low}, {high}] but the model has {classes} outputs "
+                         f"(labels must lie in [0, {classes - 1}])")
+    return classes
 
 
 def time_to_effect(history: list[dict[str, Any]], key: str = "asr", threshold: float = 0.2) -> float | None:
@@ -158,23 +191,131 @@ def time_to_effect(history: list[dict[str, Any]], key: str = "asr", threshold: f
     return None
 
 
+@dataclass
+class Run:
+    """One call of :meth:`Defense.fit`, as the method's own steps see it.
+
+    Attributes:
+        model: the caller's model (the ``before`` point describes it).
+        x, y: the validated data (``y`` as int64 labels).
+        trace: the clock and history; use :meth:`point`.
+        extras: method-specific outputs, filled as the run goes (kept when it stops early).
+        result: the model returned; ``model`` itself unless the method builds a new one
+            (DP-SGD). Points are recorded on it.
+        reason: the stop reason when the run completes (``stop_when`` overrides it).
+    """
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    trace: Trace
+    extras: dict[str, Any] = field(default_factory=dict)
+    result: nn.Module | None = None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.result is None:
+            self.result = self.model
+
+    def point(self, label: str, **numbers: Any) -> dict[str, Any]:
+        """Record a point of :attr:`result` (may end the run, see :meth:`Trace.point`)."""
+        return self.trace.point(self.result, label, **numbers)
+
+
 class Defense(abc.ABC):
     """Base class of defenses. Settings go to the constructor as keyword arguments
-    (the paper's defaults); ``fit`` takes the model and the defender's data.
+    (the paper's defaults), validated there; ``fit`` takes the model and the defender's data.
 
-    Class attributes:
+    ``fit`` is a template: it validates the data (:func:`check_images`, and the labels
+    against the model's outputs), runs :meth:`_prepare` (not timed), then the method's own
+    :meth:`_fit` under the :class:`Trace` (clock, ``before`` point, ``stop_when``), and
+    always restores the model's train/eval mode and clears the gradients it leaves on
+    the returned model. A new defense implements :meth:`_fit` (and :meth:`_prepare` where
+    something must happen before the clock starts).
+
+    Class attributes (the registry :data:`ibau.defenses.DEFENSES`, the benchmark report,
+    its runner and the command line read them; nothing else lists the defenses):
         name: the registry name.
+        display_name: the method's name in prose ("Neural Cleanse").
+        short_name: its column heading in the paper's tables ("NC").
+        role: ``"ours"`` (I-BAU), ``"baseline"`` (a published defense the paper compares
+            with) or ``"heuristic"`` (the naive UAP heuristic of Section 4).
+        cost_order: rank by typical cost, cheap first (the runner's ``order="defense"``).
         data_role: ``"clean"`` (the defender's small clean set; every method but DP) or
             ``"training"`` (the possibly poisoned training set: DP-SGD trains from it).
+        min_images: the fewest images ``fit`` accepts.
+        point_key: a history field (``"round"``, ``"epoch"``) that the ``before`` record
+            gets as 0, or ``None``.
     """
 
     name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
+    short_name: ClassVar[str] = ""
+    role: ClassVar[str] = "baseline"
+    cost_order: ClassVar[int] = 100
     data_role: ClassVar[str] = "clean"
+    min_images: ClassVar[int] = 1
+    point_key: ClassVar[str | None] = None
 
-    @abc.abstractmethod
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model as the method sees it: taking [0, 1] pixels (``normalize`` inside)."""
+        return _wrap(model, getattr(self, "normalize", None))
+
+    def check_data(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``fit``'s validation: :func:`check_images` and :func:`check_labels`."""
+        x, y = check_images(x, y, min_size=self.min_images)
+        check_labels(model, x, y)
+        return x, y
+
     def fit(self, model: nn.Module, x: Tensor, y: Tensor, *, evaluate: Evaluate | None = None,
             stop_when: StopWhen | None = None) -> DefenseResult:
-        """Repair ``model`` using images ``x`` (N, C, H, W, float in [0, 1]) and labels ``y``."""
+        """Repair ``model`` using images ``x`` and labels ``y``.
+
+        Args:
+            model: a classifier taking float NCHW images in [0, 1] (or normalised inputs
+                with ``normalize`` set, where the method has it), returning logits. Its
+                device is used.
+            x: images (N, C, H, W), float in [0, 1]: the defender's clean set, or the
+                training set when ``data_role == "training"``.
+            y: their labels (N,), in ``[0, classes)``.
+            evaluate: optional ``evaluate(model) -> dict`` called before the defense and
+                at every point (round, epoch, ...); its numbers join the history (not timed).
+            stop_when: optional ``stop_when(record) -> bool | str`` called at every point;
+                a truthy value ends the run (a string is kept as the stop reason).
+
+        Returns:
+            :class:`DefenseResult`: the repaired model (updated in place, except DP-SGD's
+            new module), the history and the method's extras.
+
+        Raises:
+            InputError: bad data (shapes, non-finite values, labels out of range).
+        """
+        x, y = self.check_data(model, x, y)
+        run = Run(model, x, y, Trace(evaluate, stop_when))
+        was = model.training
+        try:
+            setup = self._prepare(run)
+            with run.trace.run(model):
+                self._fit(run, setup)
+        finally:
+            model.train(was)
+            for p in run.result.parameters():
+                p.grad = None
+        if self.point_key is not None:
+            for rec in run.trace.history:
+                if rec["point"] == "before":
+                    rec[self.point_key] = 0
+        return run.trace.result(run.result, run.extras, default_reason=run.reason)
+
+    def _prepare(self, run: Run) -> Any:
+        """Work before the clock starts (wrapping, batching, checks that need the model);
+        its return value is passed to :meth:`_fit`. Default: nothing."""
+        return None
+
+    @abc.abstractmethod
+    def _fit(self, run: Run, setup: Any) -> None:
+        """The method itself: update ``run.result`` (``run.model`` in place), recording
+        ``run.point(label, **numbers)`` at every usable state and filling ``run.extras``."""
 
     def config(self) -> dict[str, Any]:
         """The settings as plain data (for results files)."""

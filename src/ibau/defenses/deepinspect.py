@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import check_int, check_number
 from ..metrics import model_device
 from ._synthesis import ReversedTrigger, TriggerSynthesis
 
@@ -91,7 +92,7 @@ class DeepInspect(TriggerSynthesis):
     over "the average loss for generating a trigger" of every class, classes with index
     > 2 (on the small side) are flagged, and their generated triggers unlearned.
 
-    Trigger generation (DI's conditional generator, :meth:`prepare`): ONE generator
+    Trigger generation (DI's conditional generator, :meth:`prepare_scan`): ONE generator
     ``G(z, t)`` for all classes (:class:`TriggerGenerator`, bounded additive pattern) is
     trained against the frozen model with Adam on
 
@@ -168,35 +169,30 @@ class DeepInspect(TriggerSynthesis):
     """
 
     name = "deepinspect"
+    display_name = "DeepInspect"
+    short_name = "DI"
+    cost_order = 6
 
     def __init__(self, *, steps: int = 1000, batch_size: int = 100, lr: float = 1e-3, z_dim: int = 32,
                  hidden: int = 256, max_value: float = 1.0, magnitude_cost: float = 10.0, gan_cost: float = 0.01,
                  eval_images: int = 500, eval_samples: int = 4, **kwargs: Any):
         super().__init__(**kwargs)
-        for key, val in dict(steps=steps, batch_size=batch_size, z_dim=z_dim, hidden=hidden, eval_images=eval_images,
-                             eval_samples=eval_samples).items():
-            if int(val) != val or val < 1:
-                raise ValueError(f"{key} must be a positive integer, got {val!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not 0 < max_value <= 1:
-            raise ValueError(f"max_value must be in (0, 1] (pixels lie in [0, 1]), got {max_value!r}")
-        if magnitude_cost < 0 or gan_cost < 0:
-            raise ValueError("magnitude_cost and gan_cost must be >= 0")
-        self.steps = int(steps)
-        self.batch_size = int(batch_size)
-        self.lr = lr
-        self.z_dim = int(z_dim)
-        self.hidden = int(hidden)
-        self.max_value = max_value
-        self.magnitude_cost = magnitude_cost
-        self.gan_cost = gan_cost
-        self.eval_images = int(eval_images)
-        self.eval_samples = int(eval_samples)
+        self.steps = check_int("steps", steps, low=1)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+        self.lr = check_number("lr", lr, low=0, low_open=True)
+        self.z_dim = check_int("z_dim", z_dim, low=1)
+        self.hidden = check_int("hidden", hidden, low=1)
+        # pixels lie in [0, 1]: a larger bound means nothing
+        self.max_value = check_number("max_value", max_value, low=0, low_open=True, high=1)
+        self.magnitude_cost = check_number("magnitude_cost", magnitude_cost, low=0)
+        self.gan_cost = check_number("gan_cost", gan_cost, low=0)
+        self.eval_images = check_int("eval_images", eval_images, low=1)
+        self.eval_samples = check_int("eval_samples", eval_samples, low=1)
         self._generator: TriggerGenerator | None = None
         self._stamp_seed = 0
 
-    def prepare(self, net: nn.Module, x: Tensor, y: Tensor, classes: list[int], generator: torch.Generator) -> None:
+    def prepare_scan(self, net: nn.Module, x: Tensor, y: Tensor, classes: list[int],
+                     generator: torch.Generator) -> None:
         """Train the conditional generator for all ``classes`` at once."""
         from tqdm.auto import tqdm
 
@@ -251,7 +247,7 @@ class DeepInspect(TriggerSynthesis):
         """Score class ``target``: the average generation loss of its triggers on clean images."""
         gen = self._generator
         if gen is None:
-            raise RuntimeError("DeepInspect.reverse needs the generator: call scan() (prepare runs first)")
+            raise RuntimeError("DeepInspect.reverse needs the generator: call scan() (prepare_scan runs first)")
         device = model_device(net)
         others = torch.nonzero(y != target).flatten()
         if len(others) == 0:

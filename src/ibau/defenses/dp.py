@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError, check_choice, check_int, check_number
 from ..metrics import model_device
-from .base import Defense, DefenseResult, Evaluate, StopWhen, Trace, check_images
+from ..optim import make_optimizer
+from ._common import private_rng
+from .base import Defense, Run
 
 __all__ = ["DPSGD", "dp_compatible"]
 
@@ -48,7 +51,7 @@ def _fix(model: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
     from opacus.validators import ModuleValidator
 
     if isinstance(model, nn.modules.batchnorm._BatchNorm):
-        raise ValueError("the model itself is a BatchNorm layer; nothing to train with DP-SGD")
+        raise InputError("the model itself is a BatchNorm layer; nothing to train with DP-SGD")
     fixed = copy.deepcopy(model)
     replaced: list[dict[str, str]] = []
     # The same replacements as ModuleValidator.fix (BatchNorm -> GroupNorm, LSTM -> DPLSTM,
@@ -76,7 +79,7 @@ def _fix(model: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
     errors = ModuleValidator.validate(fixed.train(), strict=False)
     fixed.train(was)
     if errors:
-        raise ValueError("the model cannot be trained with DP-SGD even after replacing its BatchNorm layers: "
+        raise InputError("the model cannot be trained with DP-SGD even after replacing its BatchNorm layers: "
                          + "; ".join(str(e) for e in errors))
     return fixed, replaced
 
@@ -93,7 +96,7 @@ def dp_compatible(model: nn.Module) -> nn.Module:
         >>> net = load_weights(dp_compatible(SmallVGG(10)), "dp.safetensors")   # strict, no unpickling
 
     Raises:
-        ValueError: when the model has layers Opacus cannot train even after the fix.
+        InputError: when the model has layers Opacus cannot train even after the fix.
     """
     return _fix(model)[0]
 
@@ -132,23 +135,6 @@ class _Indices(torch.utils.data.Dataset):
 
     def __getitems__(self, idx: list[int]) -> list[tuple[int]]:
         return [(int(i),) for i in idx]
-
-
-@contextmanager
-def _seeded_global_rng(seed: int, device: torch.device):
-    """Fork the global RNG (CPU, and the model's CUDA device), seed it, restore it on exit.
-
-    ``reset_parameters()`` and ``nn.Dropout`` draw from the global RNG only; forking keeps
-    the run deterministic per seed while leaving the caller's RNG state as it was.
-    """
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.random.default_generator.manual_seed(seed)
-        for d in devices:
-            torch.cuda.default_generators[d].manual_seed(seed)
-        yield
 
 
 def _global_rng_state(device: torch.device):
@@ -234,7 +220,11 @@ class DPSGD(Defense):
     """
 
     name = "dp"
+    display_name = "DP-SGD"
+    short_name = "DP"
+    cost_order = 4
     data_role = "training"
+    point_key = "epoch"
 
     def __init__(
         self,
@@ -253,37 +243,18 @@ class DPSGD(Defense):
         seed: int = 0,
         progress: bool = True,
     ):
-        if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier)
-                and noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
-        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
-        if epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {epochs}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta}")
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant {accountant!r}; choose one of {list(ACCOUNTANTS)}")
-        self.noise_multiplier = float(noise_multiplier)
-        self.max_grad_norm = float(max_grad_norm)
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
+        self.noise_multiplier = float(check_number("noise_multiplier", noise_multiplier, low=0))
+        self.max_grad_norm = float(check_number("max_grad_norm", max_grad_norm, low=0, low_open=True))
+        self.epochs = check_int("epochs", epochs, low=0)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+        self.lr = check_number("lr", lr, low=0, low_open=True)
+        self.momentum = check_number("momentum", momentum, low=0, high=1, high_open=True)
+        self.weight_decay = check_number("weight_decay", weight_decay, low=0)
         self.reinitialize = reinitialize
-        self.delta = delta
-        self.accountant = accountant
+        self.delta = check_number("delta", delta, low=0, low_open=True, high=1, high_open=True)
+        self.accountant = check_choice("accountant", accountant, ACCOUNTANTS)
         self.poisson_sampling = poisson_sampling
-        self.seed = seed
+        self.seed = check_int("seed", seed)
         self.progress = progress
 
     def _epsilon(self, engine) -> float:
@@ -293,47 +264,27 @@ class DPSGD(Defense):
             return 0.0
         return float(engine.get_epsilon(self.delta))
 
-    def fit(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        *,
-        evaluate: Evaluate | None = None,
-        stop_when: StopWhen | None = None,
-    ) -> DefenseResult:
-        """Train a DP-compatible copy of ``model`` from scratch with DP-SGD.
-
-        Args:
-            model: a classifier (float NCHW images in [0, 1] -> logits) giving the
-                architecture; its device is used. It is not modified.
-            x: the **training set** (possibly poisoned), (N, C, H, W) float in [0, 1].
-            y: its labels (N,).
-            evaluate: optional ``evaluate(model) -> dict``, run on the input model
-                (``before``) and on the DP model after every epoch (not timed).
-            stop_when: optional ``stop_when(record) -> bool | str`` after each epoch.
-
-        Returns:
-            :class:`DefenseResult` whose ``model`` is the new DP-trained module (eval
-            mode); history records carry ``epoch``, ``loss``, ``epsilon`` and ``steps``;
-            ``extras`` hold ``epsilon``, ``delta``, ``steps``, ``sample_rate``,
-            ``replaced_modules`` (name, before, after), ``architecture_changed`` and
-            ``not_reinitialized`` (parameters of modules without ``reset_parameters``).
-        """
+    def _fit(self, run: Run, setup: None) -> None:
+        """Train a DP-compatible copy of the model from scratch with DP-SGD on ``run.x`` (the
+        training set). Points are the epochs, on the new module (``run.result``); history
+        records carry ``epoch``, ``loss``, ``epsilon`` and ``steps``; ``extras`` hold
+        ``epsilon``, ``delta``, ``steps``, ``sample_rate``, ``replaced_modules`` (name,
+        before, after), ``architecture_changed`` and ``not_reinitialized`` (parameters of
+        modules without ``reset_parameters``)."""
         from tqdm.auto import tqdm
 
-        x, y = check_images(x, y)
         _require_opacus()
         from opacus import PrivacyEngine
 
-        device = model_device(model)
+        x, y, extras = run.x, run.y, run.extras
+        device = model_device(run.model)
         seeds = torch.randint(0, 2**62, (3,), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        trace = Trace(evaluate, stop_when)
-        extras: dict[str, Any] = {}
-        with trace.run(model):
-            net, replaced = _fix(model)
-            not_reset: list[str] = []
-            with _seeded_global_rng(seeds[0], device), _quiet_opacus():
+        run.reason = f"completed {self.epochs} epochs"
+        net, replaced = _fix(run.model)
+        run.result = net
+        not_reset: list[str] = []
+        try:
+            with private_rng(seeds[0], device), _quiet_opacus():
                 if self.reinitialize:
                     reset = set()
                     for m in net.modules():
@@ -344,8 +295,8 @@ class DPSGD(Defense):
                 net.train()
                 params = [p for p in net.parameters() if p.requires_grad]
                 if not params:
-                    raise ValueError("the model has no parameters that require grad")
-                opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+                    raise InputError("the model has no parameters that require grad")
+                opt = make_optimizer("sgd", params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
                 loader = torch.utils.data.DataLoader(
                     _Indices(len(x)), batch_size=self.batch_size, shuffle=True,
                     generator=torch.Generator().manual_seed(seeds[1]))
@@ -387,17 +338,12 @@ class DPSGD(Defense):
                         # evaluate() must not shift the seeded dropout stream of later epochs
                         rng = _global_rng_state(device)
                         try:
-                            trace.point(net, f"epoch {epoch}", epoch=epoch, loss=total / max(count, 1),
-                                        epsilon=eps, steps=steps)
+                            run.point(f"epoch {epoch}", epoch=epoch, loss=total / max(count, 1), epsilon=eps,
+                                      steps=steps)
                         finally:
                             _set_global_rng_state(device, rng)
                 finally:
                     dp_opt.zero_grad(set_to_none=True)
                     gsm.cleanup()
-                    for p in net.parameters():
-                        p.grad = None
-        net.eval()
-        for rec in trace.history:
-            if rec["point"] == "before":
-                rec["epoch"] = 0
-        return trace.result(net, extras, default_reason=f"completed {self.epochs} epochs")
+        finally:
+            net.eval()

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError, check_choice, check_int, check_number
 from ..metrics import clean_accuracy, model_device
+from ..optim import OPTIMIZERS
 from ._common import fine_tune
-from .base import Defense, DefenseResult, Evaluate, StopWhen, Trace, check_images
+from .base import Defense, Run
 
 __all__ = ["FinePruning", "ConvSite", "conv_sites"]
 
@@ -121,121 +123,143 @@ class FinePruning(Defense):
     """
 
     name = "fine_pruning"
+    display_name = "Fine-pruning"
+    short_name = "FP"
+    cost_order = 3
+    min_images = 2
 
     def __init__(self, *, prune_images: int | float = 1000, acc_drop: float = 0.2, drop_mode: str = "relative",
                  prune_step: int | float = 1, layer: str | None = None, epochs: int = 10, lr: float = 0.01,
                  batch_size: int = 128, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
                  augment: bool = False, seed: int = 0, progress: bool = True):
-        if isinstance(prune_images, float) and not 0 < prune_images < 1 or prune_images <= 0:
-            raise ValueError(f"prune_images must be a count >= 1 or a fraction in (0, 1), got {prune_images}")
-        if isinstance(prune_step, float) and not 0 < prune_step < 1 or prune_step <= 0:
-            raise ValueError(f"prune_step must be a count >= 1 or a fraction in (0, 1), got {prune_step}")
-        if drop_mode not in ("relative", "absolute"):
-            raise ValueError(f"drop_mode must be 'relative' or 'absolute', got {drop_mode!r}")
-        if not 0 <= acc_drop <= 1:
-            raise ValueError(f"acc_drop must be in [0, 1], got {acc_drop}")
-        if epochs < 0 or batch_size < 1:
-            raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'sgd'")
-        self.prune_images, self.acc_drop, self.drop_mode = prune_images, acc_drop, drop_mode
-        self.prune_step, self.layer = prune_step, layer
-        self.epochs, self.lr, self.batch_size, self.optimizer = epochs, lr, batch_size, optimizer
-        self.momentum, self.weight_decay, self.augment = momentum, weight_decay, augment
-        self.seed, self.progress = seed, progress
+        self.prune_images = _count_or_fraction("prune_images", prune_images)
+        self.acc_drop = check_number("acc_drop", acc_drop, low=0, high=1)
+        self.drop_mode = check_choice("drop_mode", drop_mode, ("relative", "absolute"))
+        self.prune_step = _count_or_fraction("prune_step", prune_step)
+        self.layer = layer
+        self.epochs = check_int("epochs", epochs, low=0)
+        self.lr = check_number("lr", lr, low=0, low_open=True)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+        self.optimizer = check_choice("optimizer", optimizer, OPTIMIZERS)
+        self.momentum = check_number("momentum", momentum, low=0, high=1, high_open=True)
+        self.weight_decay = check_number("weight_decay", weight_decay, low=0)
+        self.augment, self.seed, self.progress = augment, check_int("seed", seed), progress
 
     def _site(self, model: nn.Module, x: Tensor) -> ConvSite:
         sites = conv_sites(model, x[:2])
         if self.layer is None:
             if not sites:
-                raise ValueError("the model has no Conv2d layer to prune")
+                raise InputError("the model has no Conv2d layer to prune")
             return sites[-1]
         for s in sites:
             if s.conv == self.layer:
                 return s
-        raise ValueError(f"layer {self.layer!r} is not a Conv2d that runs in the forward pass; "
+        raise InputError(f"layer {self.layer!r} is not a Conv2d that runs in the forward pass; "
                          f"convolutions: {[s.conv for s in sites]}")
 
-    def fit(self, model: nn.Module, x: Tensor, y: Tensor, *, evaluate: Evaluate | None = None,
-            stop_when: StopWhen | None = None) -> DefenseResult:
-        from tqdm.auto import tqdm
-
-        x, y = check_images(x, y, min_size=2)
-        n = len(x)
+    def _prepare(self, run: Run) -> _Plan:
+        """The seeded split, the layer to prune and a backup of its channels."""
+        n = len(run.x)
         k = round(self.prune_images * n) if isinstance(self.prune_images, float) else int(self.prune_images)
         if not 1 <= k < n:
-            raise ValueError(f"prune_images={self.prune_images} leaves no images for pruning or fine-tuning "
+            raise InputError(f"prune_images={self.prune_images} leaves no images for pruning or fine-tuning "
                              f"out of {n}")
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(n, generator=g)
-        xp, yp, xt, yt = x[perm[:k]], y[perm[:k]], x[perm[k:]], y[perm[k:]]
-        site = self._site(model, x)
-        mods = dict(model.named_modules())
+        site = self._site(run.model, run.x)
+        mods = dict(run.model.named_modules())
         conv, bn = mods[site.conv], mods[site.bn] if site.bn else None
-        channels = conv.out_channels
         slices = [t for t in (conv.weight, conv.bias) if t is not None]
         if bn is not None:
             slices += [t for t in (bn.weight, bn.bias, bn.running_mean) if t is not None]
+        run.extras.update(layer=site.conv, activation_site=site.output, channels=conv.out_channels,
+                          prune_indices=perm[:k].clone())
+        return _Plan(perm[:k], perm[k:], site, conv.out_channels, slices, g)
+
+    def _fit(self, run: Run, plan: _Plan) -> None:
+        model, extras = run.model, run.extras
+        xp, yp, xt, yt = run.x[plan.prune], run.y[plan.prune], run.x[plan.tune], run.y[plan.tune]
+        channels, slices = plan.channels, plan.slices
         backup = [t.detach().clone() for t in slices]
         step = max(1, round(self.prune_step * channels)) if isinstance(self.prune_step, float) else self.prune_step
-
-        trace = Trace(evaluate, stop_when)
-        handles = []
-        extras: dict[str, Any] = {"layer": site.conv, "activation_site": site.output, "channels": channels,
-                                  "prune_indices": perm[:k].clone()}
-        with trace.run(model):
-            model.eval()
-            total = torch.zeros(channels, dtype=torch.float64)
-
-            def record(mod, inp, out):
-                total.add_(out.detach().double().sum((0, 2, 3)).cpu())
-
-            h = mods[site.output].register_forward_hook(record)
-            try:
-                acc0 = clean_accuracy(model, xp, yp)
-            finally:
-                h.remove()
-            means = (total / (k * math.prod(site.size))).float()
-            order = torch.argsort(means, stable=True)
-            bound = acc0 * (1 - self.acc_drop) if self.drop_mode == "relative" else acc0 - self.acc_drop
-            path, pruned, acc = [(0, acc0)], 0, acc0
-            bar = tqdm(total=channels - 1, desc="fine-pruning", disable=not self.progress, leave=False, unit="ch")
-            with torch.no_grad():
-                while pruned < channels - 1:
-                    nxt = min(pruned + step, channels - 1)
-                    for t in slices:
-                        t[order[pruned:nxt].to(t.device)] = 0
-                    a = clean_accuracy(model, xp, yp)
-                    path.append((nxt, a))
-                    if a < bound:  # undo the step that crossed the bound
-                        for t, b in zip(slices, backup):
-                            idx = order[pruned:nxt].to(t.device)
-                            t[idx] = b[idx]
-                        break
-                    pruned, acc = nxt, a
-                    bar.update(nxt - bar.n)
-            bar.close()
-            keep = torch.ones(channels)
-            keep[order[:pruned]] = 0
-            extras.update(pruned_channels=sorted(order[:pruned].tolist()), order=order.tolist(),
-                          mean_activation=means, prune_path=path, prune_acc_before=acc0, prune_bound=bound,
-                          prune_acc=acc)
-            trace.point(model, "pruned", pruned=pruned, prune_acc=acc)
-
-            for t in (t for t in slices if t.requires_grad):  # not running_mean
-                shape = (-1,) + (1,) * (t.dim() - 1)
-                m = keep.to(t.device, t.dtype).view(shape)
-                handles.append(t.register_hook(lambda grad, m=m: grad * m))
-            try:
-                # dropout draws from a seeded private copy of the global RNG (inside fine_tune)
-                extras["losses"] = fine_tune(
-                    model, xt, yt, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, generator=g,
-                    trace=trace, optimizer=self.optimizer, momentum=self.momentum,
-                    weight_decay=self.weight_decay, use_augment=self.augment, progress=self.progress)
-            finally:
-                for hd in handles:
-                    hd.remove()
         model.eval()
-        return trace.result(model, extras, default_reason=f"pruned {pruned} of {channels} channels of "
-                                                          f"{site.conv}, fine-tuned {self.epochs} epochs")
+        total = torch.zeros(channels, dtype=torch.float64)
 
+        def record(mod, inp, out):
+            total.add_(out.detach().double().sum((0, 2, 3)).cpu())
+
+        h = dict(model.named_modules())[plan.site.output].register_forward_hook(record)
+        try:
+            acc0 = clean_accuracy(model, xp, yp)
+        finally:
+            h.remove()
+        means = (total / (len(xp) * math.prod(plan.site.size))).float()
+        order = torch.argsort(means, stable=True)
+        bound = acc0 * (1 - self.acc_drop) if self.drop_mode == "relative" else acc0 - self.acc_drop
+        pruned, acc, path = self._prune(model, xp, yp, slices, backup, order, step, bound, acc0)
+        keep = torch.ones(channels)
+        keep[order[:pruned]] = 0
+        extras.update(pruned_channels=sorted(order[:pruned].tolist()), order=order.tolist(),
+                      mean_activation=means, prune_path=path, prune_acc_before=acc0, prune_bound=bound,
+                      prune_acc=acc)
+        run.reason = f"pruned {pruned} of {channels} channels of {plan.site.conv}, fine-tuned {self.epochs} epochs"
+        run.point("pruned", pruned=pruned, prune_acc=acc)
+
+        handles = []
+        for t in (t for t in slices if t.requires_grad):  # not running_mean
+            shape = (-1,) + (1,) * (t.dim() - 1)
+            m = keep.to(t.device, t.dtype).view(shape)
+            handles.append(t.register_hook(lambda grad, m=m: grad * m))
+        try:
+            # dropout draws from a seeded private copy of the global RNG (inside fine_tune)
+            extras["losses"] = fine_tune(
+                model, xt, yt, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, generator=plan.generator,
+                point=run.point, optimizer=self.optimizer, momentum=self.momentum,
+                weight_decay=self.weight_decay, use_augment=self.augment, progress=self.progress)
+        finally:
+            for hd in handles:
+                hd.remove()
+
+    @torch.no_grad()
+    def _prune(self, model: nn.Module, xp: Tensor, yp: Tensor, slices: list[Tensor], backup: list[Tensor],
+               order: Tensor, step: int, bound: float, acc0: float) -> tuple[int, float, list[tuple[int, float]]]:
+        """Zero channels ``step`` at a time in ``order`` while the accuracy stays within
+        ``bound``; the step that crosses it is undone. Returns (pruned, accuracy, path)."""
+        from tqdm.auto import tqdm
+
+        channels = len(order)
+        path, pruned, acc = [(0, acc0)], 0, acc0
+        bar = tqdm(total=channels - 1, desc="fine-pruning", disable=not self.progress, leave=False, unit="ch")
+        while pruned < channels - 1:
+            nxt = min(pruned + step, channels - 1)
+            for t in slices:
+                t[order[pruned:nxt].to(t.device)] = 0
+            a = clean_accuracy(model, xp, yp)
+            path.append((nxt, a))
+            if a < bound:  # undo the step that crossed the bound
+                for t, b in zip(slices, backup):
+                    idx = order[pruned:nxt].to(t.device)
+                    t[idx] = b[idx]
+                break
+            pruned, acc = nxt, a
+            bar.update(nxt - bar.n)
+        bar.close()
+        return pruned, acc, path
+
+
+class _Plan(NamedTuple):
+    """Fine-pruning's preparation: the split, the layer, its prunable tensors."""
+
+    prune: Tensor  # indices of the pruning images
+    tune: Tensor  # indices of the fine-tuning images
+    site: ConvSite
+    channels: int
+    slices: list[Tensor]  # the conv's (and its BatchNorm's) per-channel tensors
+    generator: torch.Generator  # seeded; continues into the fine-tuning
+
+
+def _count_or_fraction(name: str, value: int | float) -> int | float:
+    """A count >= 1 (``int``) or a fraction in (0, 1) (``float``)."""
+    if isinstance(value, float):
+        return check_number(name, value, low=0, low_open=True, high=1, high_open=True)
+    return check_int(name, value, low=1)

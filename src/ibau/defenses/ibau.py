@@ -1,79 +1,42 @@
-"""Implicit Backdoor Adversarial Unlearning (Zeng et al., ICLR 2022, Algorithm 1)."""
+"""Implicit Backdoor Adversarial Unlearning (Zeng et al., ICLR 2022, Algorithm 1).
+
+:class:`IBAU` reads like the algorithm: each round is the inner maximisation
+(:meth:`IBAU.synthesize`, lines 2-5) and the outer pass (:meth:`IBAU.outer_step` along
+:meth:`IBAU.hypergradient`, lines 6-8). Data parallelism sits behind a communicator
+(:func:`ibau.distributed.communicator`): one process uses a stand-in whose reductions
+are the identity, so the same lines serve both.
+"""
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..hypergrad import implicit_grad
-from ..metrics import model_device
+from ..distributed import Comm, communicator
+from ..errors import check_choice, check_int, check_number
+from ..hypergrad import SOLVERS, implicit_grad
 from ..models.fuse import fold_batchnorm
-from ..models.normalize import Normalized
-from .base import Defense, DefenseResult, Evaluate, StopWhen, Trace, check_images
+from ..optim import OPTIMIZERS, make_optimizer
+from ..perturbation import perturbed_count
+from ._universal import Batch, Setup, UniversalPerturbation
 
-__all__ = ["IBAU", "UniversalPerturbation", "perturbed_count"]
+__all__ = ["IBAU", "UniversalPerturbation", "Batch", "perturbed_count", "PAPER_SETTINGS", "OPTIMIZERS"]
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "sgd": torch.optim.SGD,
-}
-
-
-def perturbed_count(batch: int, fraction: float) -> int:
-    """Images of an outer batch that receive the perturbation: ``floor(fraction * batch)``
-    as in the authors' code, but never fewer than one. (At batch < 100 the authors'
-    count rounds to 0 and I-BAU silently degrades into plain fine-tuning.)"""
-    return min(batch, max(1, int(fraction * batch)))
+#: The configuration of the paper and the authors' released code and notebooks
+#: (reference.md, section 1): what :meth:`IBAU.paper` returns.
+PAPER_SETTINGS: dict[str, Any] = dict(
+    rounds=5, norm_bound=10.0, inner_lr=10.0, inner_reg=1e-3, inner_optimizer="sgd", fp_step=0.1,
+    hypergrad_iters=5, hypergrad_solver="fixed_point", hypergrad_tol=1e-10, outer_lr=1e-3, outer_optimizer="adam",
+    batch_size=100, perturb_fraction=0.01, clip_images=None)
 
 
-def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    try:
-        return OPTIMIZERS[name](params, lr=lr)
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}") from None
-
-
-class UniversalPerturbation:
-    """What I-BAU and the naive heuristic (:class:`ibau.defenses.NaiveUAP`) share about their
-    one universal perturbation: the model in pixel space, adding and projecting ``delta``,
-    and which images of an outer batch receive it. Uses the attributes ``normalize``,
-    ``norm_bound``, ``clip_images`` and ``perturb_fraction``."""
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The model as the method sees it: taking [0, 1] pixels (normalisation inside)."""
-        if self.normalize is None:
-            return model
-        return Normalized(model, *self.normalize).to(model_device(model))
-
-    @property
-    def _clip(self) -> bool:
-        return self.norm_bound is None if self.clip_images is None else self.clip_images
-
-    def _perturb(self, x: Tensor, delta: Tensor) -> Tensor:
-        out = x + delta
-        return out.clamp(0, 1) if self._clip else out
-
-    def project(self, delta: Tensor) -> Tensor:
-        if self.norm_bound is None:
-            return delta
-        return delta * min(1.0, self.norm_bound / max(float(delta.norm()), 1e-12))
-
-    def choose_perturbed(self, n: int, generator: torch.Generator) -> Tensor:
-        """Indices of the images of an n-image outer batch that receive delta."""
-        return torch.randperm(n, generator=generator)[: perturbed_count(n, self.perturb_fraction)]
-
-    def clean_batches(self, x: Tensor, y: Tensor, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
-        """``(x, y)`` cut into consecutive batches of ``batch_size``, on ``device``."""
-        return [(x[i:i + self.batch_size].to(device, dtype), y[i:i + self.batch_size].to(device))
-                for i in range(0, len(x), self.batch_size)]
-
-
-class IBAU(UniversalPerturbation, Defense):
+class IBAU(UniversalPerturbation):
     """Implicit Backdoor Adversarial Unlearning (Zeng et al., ICLR 2022), Algorithm 1.
 
     Solves ``min_theta max_{||delta|| <= C} mean_i CE(f_theta(x_i + delta), y_i)`` over the
@@ -149,6 +112,9 @@ class IBAU(UniversalPerturbation, Defense):
             ``batch_size`` (the global batch) and seed, up to float rounding.
         progress: show progress bars (tqdm) on stderr (rank 0 only when distributed).
 
+    :meth:`IBAU.paper` returns the paper-faithful configuration above, whatever the
+    defaults become.
+
     Example::
 
         >>> defense = IBAU(rounds=1, seed=0)
@@ -157,6 +123,12 @@ class IBAU(UniversalPerturbation, Defense):
     """
 
     name = "ibau"
+    display_name = "I-BAU"
+    short_name = "I-BAU"
+    role = "ours"
+    cost_order = 1
+    divergence_hint = "lower outer_lr or inner_lr"
+    phase_key = "seconds_inner"
 
     def __init__(
         self,
@@ -181,36 +153,27 @@ class IBAU(UniversalPerturbation, Defense):
         distributed: bool | None = None,
         progress: bool = True,
     ):
-        if rounds < 0:
-            raise ValueError(f"rounds must be >= 0, got {rounds}")
-        if norm_bound is not None and not norm_bound > 0:
-            raise ValueError(f"norm_bound must be positive or None, got {norm_bound}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 < perturb_fraction <= 1:
-            raise ValueError(f"perturb_fraction must be in (0, 1], got {perturb_fraction}")
-        if inner_optimizer not in OPTIMIZERS or outer_optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizers must be one of {sorted(OPTIMIZERS)}")
-        self.rounds = rounds
-        self.norm_bound = norm_bound
-        self.inner_lr = inner_lr
-        self.inner_reg = inner_reg
-        self.inner_optimizer = inner_optimizer
-        self.fp_step = fp_step
-        self.hypergrad_iters = hypergrad_iters
-        self.hypergrad_solver = hypergrad_solver
-        self.hypergrad_tol = hypergrad_tol
-        self.outer_lr = outer_lr
-        self.outer_optimizer = outer_optimizer
-        self.batch_size = batch_size
-        self.perturb_fraction = perturb_fraction
-        self.normalize = normalize
-        self.seed = seed
-        self.clip_images = clip_images
-        self.fold_bn = fold_bn
-        self.distributed = distributed
-        self.progress = progress
-        self._comm = None
+        self._set_common(rounds=rounds, norm_bound=norm_bound, outer_lr=outer_lr, outer_optimizer=outer_optimizer,
+                         batch_size=batch_size, perturb_fraction=perturb_fraction, normalize=normalize, seed=seed,
+                         clip_images=clip_images, progress=progress)
+        self.inner_lr = check_number("inner_lr", inner_lr, low=0, low_open=True)
+        self.inner_reg = check_number("inner_reg", inner_reg, low=0)
+        self.inner_optimizer = check_choice("inner_optimizer", inner_optimizer, OPTIMIZERS)
+        self.fp_step = check_number("fp_step", fp_step, low=0, low_open=True)
+        self.hypergrad_iters = check_int("hypergrad_iters", hypergrad_iters, low=0)
+        self.hypergrad_solver = check_choice("hypergrad_solver", hypergrad_solver, SOLVERS)
+        self.hypergrad_tol = check_number("hypergrad_tol", hypergrad_tol, low=0)
+        self.fold_bn = check_choice("fold_bn", fold_bn, (True, False))
+        self.distributed = check_choice("distributed", distributed, (True, False, None))
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> IBAU:
+        """I-BAU as the paper and the authors' code run it (:data:`PAPER_SETTINGS`: 5 rounds,
+        ``norm_bound=10``, inner SGD lr 10 with reg 1e-3, eta 0.1, K = 5 fixed-point
+        iterations, outer Adam lr 1e-3, batch 100, fraction 0.01), with ``overrides``
+        (e.g. ``seed``, ``normalize``, ``progress``) on top. Equal to ``IBAU()`` today; it
+        stays the paper's configuration if the defaults change."""
+        return cls(**{**PAPER_SETTINGS, **overrides})
 
     # ------------------------------------------------------------------ pieces
     def inner_loss(self, net: nn.Module, x: Tensor, labels: Tensor, delta: Tensor, *, weight: float = 1.0,
@@ -220,192 +183,102 @@ class IBAU(UniversalPerturbation, Defense):
         In data-parallel mode a process computes its share: ``weight`` = its part of the
         batch, ``reg_share`` = 1 / processes; the shares sum to the global loss.
         """
-        if weight == 1.0 and reg_share == 1.0:
-            ce = F.cross_entropy(net(self._perturb(x, delta)), labels)
-            return -ce + self.inner_reg * delta.pow(2).sum()
         reg = reg_share * self.inner_reg * delta.pow(2).sum()
         if len(x) == 0:
             return reg
         return -weight * F.cross_entropy(net(self._perturb(x, delta)), labels) + reg
 
-    def all_reduce(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Combine per-process gradient shares: identity in a single process, a sum
-        over processes in data-parallel mode (each share is already weighted)."""
-        return tensors if self._comm is None else self._comm.all_reduce_sum(tensors)
+    def synthesize(self, net: nn.Module, batches: Sequence[Batch | tuple], *,
+                   comm: Comm | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Inner maximisation (Algorithm 1, lines 2-5): from ``delta = 0``, one pass with one
+        step per batch on :meth:`inner_loss` at the model's own predictions, then the projection.
 
-    @property
-    def _world(self) -> int:
-        return 1 if self._comm is None else self._comm.world
-
-    def synthesize(self, net: nn.Module, batches: list[tuple]) -> tuple[Tensor, dict[str, float]]:
-        """Inner maximisation: one pass, one step per batch, then projection.
-
-        ``batches``: ``(x, y)`` pairs, or ``(x, y, weight, ...)`` with this process's
-        share of each batch in data-parallel mode. Returns the perturbation
-        (1, C, H, W) and statistics of the pass.
+        ``batches``: :class:`Batch` es (or ``(x, y)`` pairs); under ``comm`` each holds this
+        process's share and the gradient of ``delta`` is summed over processes. Returns the
+        perturbation (1, C, H, W) and statistics of the pass.
         """
-        x0 = batches[0][0]
+        comm = comm if comm is not None else communicator(False)
+        batches = [Batch.of(b) for b in batches]
+        x0 = batches[0].x
         delta = torch.zeros((1, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, requires_grad=True)
-        opt = _optimizer(self.inner_optimizer, [delta], self.inner_lr)
+        opt = make_optimizer(self.inner_optimizer, [delta], lr=self.inner_lr, parameter="inner_optimizer")
         total = 0.0
-        for batch in batches:
-            xb, weight = batch[0], (batch[2] if len(batch) > 2 else 1.0)
+        for b in batches:
             with torch.no_grad():
-                pseudo = net(xb).argmax(1) if len(xb) else torch.zeros(0, dtype=torch.long, device=xb.device)
-            loss = self.inner_loss(net, xb, pseudo, delta, weight=weight, reg_share=1.0 / self._world)
+                pseudo = net(b.x).argmax(1) if len(b.x) else torch.zeros(0, dtype=torch.long, device=b.x.device)
+            loss = self.inner_loss(net, b.x, pseudo, delta, weight=b.weight, reg_share=1.0 / comm.world)
             # Only delta's gradient is needed: asking for it alone skips weight gradients.
             (grad,) = torch.autograd.grad(loss, [delta])
-            (delta.grad,) = self.all_reduce([grad])
+            (delta.grad,) = comm.all_reduce_sum([grad])
             opt.step()
             total += float(loss.detach())
-        if self._comm is not None:
-            total = self._comm.sum_float(total, x0.device)
+        total = comm.sum_float(total, x0.device)
         raw_norm = float(delta.detach().norm())
         delta = self.project(delta.detach())
         return delta, {"inner_loss": total / len(batches), "delta_norm_unprojected": raw_norm,
                        "delta_norm": float(delta.norm())}
 
-    def hypergradient(self, net: nn.Module, params: list[Tensor], delta: Tensor,
-                      batch: tuple, first: tuple, generator: torch.Generator) -> tuple[list[Tensor], float]:
-        """Implicit hypergradient of the outer loss on ``batch`` with respect to ``params``.
+    def outer_loss(self, net: nn.Module, batch: Batch, mask: Tensor, delta: Tensor) -> Tensor:
+        """``L_out``: this process's share ``weight * CE(f(x_b + delta * 1[i in S]), y_b)``."""
+        if len(batch.x) == 0:  # this process has no image of this batch
+            return delta.sum() * 0.0
+        return batch.weight * F.cross_entropy(net(self._perturb(batch.x, mask * delta)), batch.y)
 
-        ``batch`` / ``first``: ``(x, y)``, or in data-parallel mode this process's share
-        ``(x, y, weight, global_size, rows)`` (``rows``: its slice of the global batch).
+    def fixed_point_map(self, net: nn.Module, first: Batch, world: int, delta: Tensor) -> Tensor:
+        """``Phi(delta) = delta - fp_step * grad_delta L_in`` on the first batch (Section 4,
+        Eq. 2), as this process's share: the shares of the processes sum to ``Phi``."""
+        share = self.inner_loss(net, first.x, first.y, delta, weight=first.weight, reg_share=1.0 / world)
+        (g,) = torch.autograd.grad(share, [delta], create_graph=True)
+        return delta / world - self.fp_step * g
+
+    def hypergradient(self, net: nn.Module, params: list[Tensor], delta: Tensor, batch: Batch | tuple,
+                      first: Batch | tuple, generator: torch.Generator, *,
+                      comm: Comm | None = None) -> tuple[list[Tensor], float]:
+        """Implicit hypergradient of :meth:`outer_loss` on ``batch`` with respect to ``params``
+        (Algorithm 1, line 7), ``delta`` the fixed point of :meth:`fixed_point_map` on ``first``.
+
         The perturbed images are drawn for the global batch, the same on every process.
+        Returns this process's share of the gradient and of the loss.
         """
-        xb, yb = batch[0], batch[1]
-        x0, y0 = first[0], first[1]
-        weight, n = (batch[2], batch[3]) if len(batch) > 2 else (1.0, len(xb))
-        w0 = first[2] if len(first) > 2 else 1.0
-        chosen = self.choose_perturbed(n, generator)
-        sel = torch.zeros(n, 1, 1, 1, device=xb.device)
-        sel[chosen.to(xb.device)] = 1.0
-        if len(batch) > 2:
-            sel = sel[batch[4]]
-        world = self._world
-        loss_value = [0.0]
+        comm = comm if comm is not None else communicator(False)
+        batch, first = Batch.of(batch), Batch.of(first)
+        mask = self.perturbed_mask(batch.size, generator, batch.x.device, batch.x.dtype)[batch.rows]
+        grads, loss = implicit_grad(lambda inner, _outer: self.outer_loss(net, batch, mask, inner[0]),
+                                    lambda inner, _outer: [self.fixed_point_map(net, first, comm.world, inner[0])],
+                                    [delta], params, solver=self.hypergrad_solver, iters=self.hypergrad_iters,
+                                    tol=self.hypergrad_tol, reduce=comm.all_reduce_sum, return_loss=True)
+        return grads, float(loss)
 
-        def outer_loss(inner: list[Tensor], _outer: list[Tensor]) -> Tensor:
-            if len(xb) == 0:  # this process has no image of this batch
-                return inner[0].sum() * 0.0
-            loss = F.cross_entropy(net(self._perturb(xb, sel * inner[0])), yb)
-            if weight != 1.0:
-                loss = weight * loss
-            loss_value[0] = float(loss.detach())
-            return loss
+    def outer_step(self, setup: Setup, delta: Tensor, batch: Batch) -> float:
+        """One optimiser step of the model along the hypergradient summed over processes."""
+        grads, loss = self.hypergradient(setup.net, setup.params, delta, batch, setup.batches[0], setup.generator,
+                                         comm=setup.comm)
+        for p, g in zip(setup.params, setup.comm.all_reduce_sum(grads)):
+            p.grad = g
+        setup.optimizer.step()
+        return loss
 
-        def fp_map(inner: list[Tensor], _outer: list[Tensor]) -> list[Tensor]:
-            if world == 1:
-                (g,) = torch.autograd.grad(self.inner_loss(net, x0, y0, inner[0]), inner, create_graph=True)
-                return [inner[0] - self.fp_step * g]
-            # this process's share of Phi: the shares sum to delta - eta * grad L_in
-            share = self.inner_loss(net, x0, y0, inner[0], weight=w0, reg_share=1.0 / world)
-            (g,) = torch.autograd.grad(share, inner, create_graph=True)
-            return [inner[0] / world - self.fp_step * g]
+    # ------------------------------------------------------------------ Algorithm 1
+    def compute_view(self, net: nn.Module, device: torch.device) -> nn.Module:
+        if not self.fold_bn:
+            return net
+        # channels-last folded weights: ~10% faster double-backward convolutions on CPU
+        return fold_batchnorm(net, channels_last=device.type == "cpu")
 
-        grads = implicit_grad(outer_loss, fp_map, [delta], params, solver=self.hypergrad_solver,
-                              iters=self.hypergrad_iters, tol=self.hypergrad_tol,
-                              reduce=None if self._comm is None else self._comm.all_reduce_sum)
-        return grads, loss_value[0]
-
-    # ------------------------------------------------------------------ driver
-    def fit(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        *,
-        evaluate: Evaluate | None = None,
-        stop_when: StopWhen | None = None,
-    ) -> DefenseResult:
-        """Unlearn the backdoor of ``model`` in place.
-
-        Args:
-            model: a classifier taking float NCHW images in [0, 1] (or normalised
-                inputs with ``normalize`` set), returning logits. Its device is used.
-            x: clean images (N, C, H, W), float in [0, 1]; kept in this order.
-            y: their labels (N,).
-            evaluate: optional ``evaluate(model) -> dict`` called before the first and
-                after every round; its numbers join the history (not timed).
-            stop_when: optional ``stop_when(record) -> bool | str`` called after each
-                round with its history record; a truthy value ends the run (a string
-                is kept as the stop reason).
-
-        Returns:
-            :class:`DefenseResult` with the model, per-round history and, in
-            ``extras["delta"]``, the last synthesised perturbation (1, C, H, W) on the CPU.
-        """
+    def round(self, r: int, setup: Setup, extras: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """One round of Algorithm 1: the inner maximisation, then one outer step per batch."""
         from tqdm.auto import tqdm
 
-        from ..distributed import current, shard_slice
-
-        x, y = check_images(x, y)
-        device = model_device(model)
-        self._comm = None if self.distributed is False else current()
-        if self.distributed and self._comm is None:
-            raise ValueError("distributed=True needs an initialised torch.distributed group of several processes "
-                             "(launch with torchrun)")
-        comm = self._comm
-        net = self.wrap(model)
-        was_training = model.training
-        net.eval()
-        # Parameters are taken from the model itself: the folded view shares them.
-        params = [p for p in net.parameters() if p.requires_grad]
-        if self.fold_bn:
-            # channels-last folded weights: ~10% faster double-backward convolutions on CPU
-            net = fold_batchnorm(net, channels_last=device.type == "cpu")
-        if not params:
-            raise ValueError("the model has no parameters that require grad")
-        outer_opt = _optimizer(self.outer_optimizer, params, self.outer_lr)
-        generator = torch.Generator().manual_seed(self.seed)
-        dtype = params[0].dtype if params[0].is_floating_point() else torch.float32
-        if comm is None:
-            batches = self.clean_batches(x, y, device, dtype)
-        else:
-            if not comm.same_everywhere(len(x), device):
-                raise ValueError("distributed I-BAU: every process must pass the same clean set "
-                                 "(it keeps its own shard of each batch)")
-            comm.broadcast_(params)  # every process starts from rank 0's weights
-            batches = []
-            for i in range(0, len(x), self.batch_size):
-                n = min(self.batch_size, len(x) - i)
-                rows = shard_slice(n, comm.rank, comm.world)
-                sl = slice(i + rows.start, i + rows.stop)
-                batches.append((x[sl].to(device, dtype), y[sl].to(device), (rows.stop - rows.start) / n, n, rows))
-        show = self.progress and (comm is None or comm.rank == 0)
-
-        trace = Trace(evaluate, stop_when)
-        delta = torch.zeros((1, *x.shape[1:]))
-        try:
-            with trace.run(model):
-                for r in range(1, self.rounds + 1):
-                    t0 = time.perf_counter()
-                    delta, record = self.synthesize(net, batches)
-                    t_inner = time.perf_counter() - t0
-                    outer_total = 0.0
-                    steps = tqdm(batches, desc=f"I-BAU round {r}/{self.rounds}", leave=False,
-                                 disable=not show, unit="batch")
-                    for batch in steps:
-                        grads, loss = self.hypergradient(net, params, delta, batch, batches[0], generator)
-                        for p, g in zip(params, self.all_reduce(grads)):
-                            p.grad = g
-                        outer_opt.step()
-                        outer_total += loss
-                        steps.set_postfix(loss=f"{loss:.3f}")
-                    if comm is not None:
-                        outer_total = comm.sum_float(outer_total, device)
-                    seconds = time.perf_counter() - t0
-                    if not all(math.isfinite(float(p.detach().abs().sum())) for p in params):
-                        raise FloatingPointError(f"I-BAU diverged in round {r}: non-finite weights "
-                                                 "(lower outer_lr or inner_lr)")
-                    trace.point(model, f"round {r}", round=r, **record, outer_loss=outer_total / len(batches),
-                                seconds=seconds, seconds_inner=t_inner, seconds_outer=seconds - t_inner)
-        finally:
-            for p in params:
-                p.grad = None
-            model.train(was_training)
-            self._comm = None
-        for rec in trace.history:
-            if rec["point"] == "before":
-                rec["round"] = 0
-        return trace.result(model, {"delta": delta.detach().cpu()}, default_reason=f"completed {self.rounds} rounds")
+        t0 = time.perf_counter()
+        delta, record = self.synthesize(setup.net, setup.batches, comm=setup.comm)
+        extras["delta"] = delta.detach().cpu()
+        t_inner = time.perf_counter() - t0
+        outer_total = 0.0
+        steps = tqdm(setup.batches, desc=f"I-BAU round {r}/{self.rounds}", leave=False,
+                     disable=not (self.progress and setup.comm.is_main), unit="batch")
+        for batch in steps:
+            loss = self.outer_step(setup, delta, batch)
+            outer_total += loss
+            steps.set_postfix(loss=f"{loss:.3f}")
+        outer_total = setup.comm.sum_float(outer_total, delta.device)
+        return {**record, "outer_loss": outer_total / len(setup.batches)}, t_inner

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError, check_choice, check_int, check_number
 from ..metrics import model_device
+from ..optim import make_optimizer
+from ._common import Point, batches_of, private_rng
 from ._common import augment as random_crop_flip
-from ._common import batches_of
-from .base import Defense, DefenseResult, Evaluate, StopWhen, Trace, check_images
-from ._common import private_rng
+from .base import Defense, Run
 from .fine_pruning import conv_sites
 
 __all__ = ["NAD", "attention_map", "attention_loss", "default_layers"]
@@ -35,7 +36,7 @@ def attention_loss(fs: Tensor, ft: Tensor, p: float = 2.0, distance: str = "mse"
         return d.pow(2).mean()
     if distance == "l2":
         return d.norm(dim=1).mean()
-    raise ValueError(f"unknown distance {distance!r}; choose 'mse' or 'l2'")
+    raise InputError(f"unknown distance {distance!r}; choose 'mse' or 'l2'")
 
 
 def default_layers(model: nn.Module, x: Tensor, num_layers: int) -> list[str]:
@@ -48,7 +49,7 @@ def default_layers(model: nn.Module, x: Tensor, num_layers: int) -> list[str]:
     stage_ends = [s for i, s in enumerate(sites) if i + 1 == len(sites) or sites[i + 1].size != s.size]
     chosen = stage_ends if len(stage_ends) >= num_layers else sites
     if len(chosen) < num_layers:
-        raise ValueError(f"the model has {len(sites)} convolutions; num_layers={num_layers} is too many")
+        raise InputError(f"the model has {len(sites)} convolutions; num_layers={num_layers} is too many")
     return [s.output for s in chosen[-num_layers:]]
 
 
@@ -88,6 +89,9 @@ class NAD(Defense):
     """
 
     name = "nad"
+    display_name = "NAD"
+    short_name = "NAD"
+    cost_order = 5
 
     def __init__(self, *, teacher_epochs: int = 20, student_epochs: int = 20,
                  betas: Sequence[float] = (500.0, 1000.0, 1000.0), layers: Sequence[str] | None = None,
@@ -95,34 +99,36 @@ class NAD(Defense):
                  lr_milestones: Sequence[int] = (2,), lr_gamma: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 1e-4, nesterov: bool = True, batch_size: int = 64, augment: bool = True,
                  crop_pad: int = 4, flip: bool = True, seed: int = 0, progress: bool = True):
-        if teacher_epochs < 0 or student_epochs < 0 or batch_size < 1:
-            raise ValueError("need teacher_epochs >= 0, student_epochs >= 0 and batch_size >= 1")
-        n_layers = len(layers) if layers is not None else num_layers
-        if len(betas) != n_layers:
-            raise ValueError(f"{len(betas)} betas for {n_layers} layers")
-        if distance not in ("mse", "l2"):
-            raise ValueError(f"unknown distance {distance!r}; choose 'mse' or 'l2'")
-        if crop_pad < 0:
-            raise ValueError(f"crop_pad must be >= 0, got {crop_pad}")
-        if not lr > 0 or p <= 0:
-            raise ValueError(f"lr and p must be positive, got {lr} and {p}")
-        self.teacher_epochs, self.student_epochs = teacher_epochs, student_epochs
-        self.betas = [float(b) for b in betas]
+        self.teacher_epochs = check_int("teacher_epochs", teacher_epochs, low=0)
+        self.student_epochs = check_int("student_epochs", student_epochs, low=0)
+        self.betas = [float(check_number("betas", b, low=0)) for b in betas]
         self.layers = list(layers) if layers is not None else None
-        self.num_layers, self.p, self.distance = num_layers, p, distance
-        self.lr, self.lr_milestones, self.lr_gamma = lr, list(lr_milestones), lr_gamma
-        self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
-        self.batch_size, self.augment, self.crop_pad, self.flip = batch_size, augment, crop_pad, flip
-        self.seed, self.progress = seed, progress
+        self.num_layers = check_int("num_layers", num_layers, low=1)
+        n_layers = len(self.layers) if self.layers is not None else self.num_layers
+        if len(self.betas) != n_layers:
+            raise InputError(f"betas: {len(self.betas)} betas for {n_layers} layers (one beta per distilled layer)")
+        self.p = check_number("p", p, low=0, low_open=True)
+        self.distance = check_choice("distance", distance, ("mse", "l2"))
+        self.lr = check_number("lr", lr, low=0, low_open=True)
+        self.lr_milestones = [check_int("lr_milestones", m, low=0) for m in lr_milestones]
+        self.lr_gamma = check_number("lr_gamma", lr_gamma, low=0, low_open=True)
+        self.momentum = check_number("momentum", momentum, low=0, high=1, high_open=True)
+        self.weight_decay = check_number("weight_decay", weight_decay, low=0)
+        self.nesterov = nesterov
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+        self.augment = augment
+        self.crop_pad = check_int("crop_pad", crop_pad, low=0)
+        self.flip = flip
+        self.seed, self.progress = check_int("seed", seed), progress
 
-    def _train(self, model: nn.Module, x: Tensor, y: Tensor, epochs: int, g: torch.Generator, trace: Trace | None,
+    def _train(self, model: nn.Module, x: Tensor, y: Tensor, epochs: int, g: torch.Generator, point: Point | None,
                teacher: nn.Module | None = None, layers: Sequence[str] = ()) -> list[dict[str, Any]]:
         """SGD epochs on CE (+ attention distillation from ``teacher``); one point per epoch."""
         from tqdm.auto import tqdm
 
         device = model_device(model)
-        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
-                              weight_decay=self.weight_decay, nesterov=self.nesterov)
+        opt = make_optimizer("sgd", model.parameters(), lr=self.lr, momentum=self.momentum,
+                             weight_decay=self.weight_decay, nesterov=self.nesterov)
         feats: dict[str, dict[str, Tensor]] = {"s": {}, "t": {}}
         handles = []
         if teacher is not None:
@@ -160,8 +166,8 @@ class NAD(Defense):
                 rec = {"loss": means[0], "ce_loss": means[1], "at_losses": means[2:], "lr": lr}
                 records.append(rec)
                 model.eval()
-                if trace is not None:
-                    trace.point(model, f"student epoch {epoch + 1}", loss=rec["loss"], ce_loss=rec["ce_loss"],
+                if point is not None:
+                    point(f"student epoch {epoch + 1}", loss=rec["loss"], ce_loss=rec["ce_loss"],
                                 at_loss=sum(b * a for b, a in zip(self.betas, rec["at_losses"])), lr=lr)
         finally:
             for h in handles:
@@ -170,29 +176,27 @@ class NAD(Defense):
         model.eval()
         return records
 
-    def fit(self, model: nn.Module, x: Tensor, y: Tensor, *, evaluate: Evaluate | None = None,
-            stop_when: StopWhen | None = None) -> DefenseResult:
-        x, y = check_images(x, y)
-        device = model_device(model)
-        layers = self.layers if self.layers is not None else default_layers(model, x, self.num_layers)
-        names = dict(model.named_modules())
+    def _prepare(self, run: Run) -> list[str]:
+        """The distilled layers (checked against the model's modules)."""
+        layers = self.layers if self.layers is not None else default_layers(run.model, run.x, self.num_layers)
+        names = dict(run.model.named_modules())
         missing = [n for n in layers if n not in names]
         if missing:
-            raise ValueError(f"layers {missing} are not modules of the model")
+            raise InputError(f"layers {missing} are not modules of the model")
+        return layers
+
+    def _fit(self, run: Run, layers: list[str]) -> None:
+        model, x, y, extras = run.model, run.x, run.y, run.extras
         g = torch.Generator().manual_seed(self.seed)
-        trace = Trace(evaluate, stop_when)
-        extras: dict[str, Any] = {"layers": list(layers), "betas": list(self.betas)}
-        with trace.run(model), private_rng(self.seed, device):
+        extras.update(layers=list(layers), betas=list(self.betas))
+        run.reason = f"completed {self.teacher_epochs} teacher and {self.student_epochs} student epochs"
+        with private_rng(self.seed, model_device(model)):
             teacher = copy.deepcopy(model)
             t_rec = self._train(teacher, x, y, self.teacher_epochs, g, None)
             teacher.eval().requires_grad_(False)
             extras["teacher_losses"] = [r["loss"] for r in t_rec]
             extras["teacher_loss"] = t_rec[-1]["loss"] if t_rec else None
-            trace.point(model, "teacher", teacher_loss=extras["teacher_loss"])
-            s_rec = self._train(model, x, y, self.student_epochs, g, trace, teacher, layers)
+            run.point("teacher", teacher_loss=extras["teacher_loss"])
+            s_rec = self._train(model, x, y, self.student_epochs, g, run.point, teacher, layers)
             extras["student_losses"] = [r["loss"] for r in s_rec]
             extras["at_losses"] = [r["at_losses"] for r in s_rec]
-            del teacher
-        model.eval()
-        return trace.result(model, extras, default_reason=f"completed {self.teacher_epochs} teacher and "
-                                                          f"{self.student_epochs} student epochs")

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics import model_device
-from .base import Defense, DefenseResult, Evaluate, StopWhen, Trace, check_images
-from .ibau import OPTIMIZERS, UniversalPerturbation, _optimizer
+from ..errors import check_choice, check_int, check_number
+from ..perturbation import universal_search
+from ._universal import Batch, Setup, UniversalPerturbation
 
 __all__ = ["NaiveUAP"]
 
 UAP_LABELS = ("predicted", "true")
 
 
-class NaiveUAP(UniversalPerturbation, Defense):
+class NaiveUAP(UniversalPerturbation):
     """Naive adversarial unlearning with universal adversarial perturbations (the baseline of Figure 1).
 
     Zeng et al., "Adversarial Unlearning of Backdoors via Implicit Hypergradient"
@@ -96,7 +96,12 @@ class NaiveUAP(UniversalPerturbation, Defense):
     """
 
     name = "naive_uap"
+    display_name = "Naive UAP"
+    short_name = "Naive UAP"
+    role = "heuristic"
+    cost_order = 2
     data_role = "clean"
+    phase_key = "seconds_uap"
 
     def __init__(
         self,
@@ -116,151 +121,62 @@ class NaiveUAP(UniversalPerturbation, Defense):
         clip_images: bool | None = None,
         progress: bool = True,
     ):
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-            raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
-        if norm_bound is not None and not (isinstance(norm_bound, (int, float)) and math.isfinite(norm_bound)
-                                           and norm_bound > 0):
-            raise ValueError(f"norm_bound must be a positive number or None, got {norm_bound!r}")
-        for key, value in (("uap_steps", uap_steps), ("uap_passes", uap_passes), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-        for key, value in (("uap_step_size", uap_step_size), ("outer_lr", outer_lr)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{key} must be a positive number, got {value!r}")
-        if uap_labels not in UAP_LABELS:
-            raise ValueError(f"uap_labels must be one of {UAP_LABELS}, got {uap_labels!r}")
-        if outer_optimizer not in OPTIMIZERS:
-            raise ValueError(f"outer_optimizer must be one of {sorted(OPTIMIZERS)}, got {outer_optimizer!r}")
-        if not (isinstance(perturb_fraction, (int, float)) and 0 < perturb_fraction <= 1):
-            raise ValueError(f"perturb_fraction must be in (0, 1], got {perturb_fraction!r}")
-        if clip_images is not None and not isinstance(clip_images, bool):
-            raise ValueError(f"clip_images must be True, False or None, got {clip_images!r}")
-        self.rounds = rounds
-        self.norm_bound = norm_bound
-        self.uap_steps = uap_steps
-        self.uap_step_size = uap_step_size
-        self.uap_passes = uap_passes
-        self.uap_labels = uap_labels
-        self.outer_lr = outer_lr
-        self.outer_optimizer = outer_optimizer
-        self.batch_size = batch_size
-        self.perturb_fraction = perturb_fraction
-        self.normalize = normalize
-        self.seed = seed
-        self.clip_images = clip_images
-        self.progress = progress
+        self._set_common(rounds=rounds, norm_bound=norm_bound, outer_lr=outer_lr, outer_optimizer=outer_optimizer,
+                         batch_size=batch_size, perturb_fraction=perturb_fraction, normalize=normalize, seed=seed,
+                         clip_images=clip_images, progress=progress)
+        self.uap_steps = check_int("uap_steps", uap_steps, low=1)
+        self.uap_step_size = check_number("uap_step_size", uap_step_size, low=0, low_open=True)
+        self.uap_passes = check_int("uap_passes", uap_passes, low=1)
+        self.uap_labels = check_choice("uap_labels", uap_labels, UAP_LABELS)
 
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
-    def _predict(self, net: nn.Module, batches: list[tuple[Tensor, Tensor]],
-                 delta: Tensor | None = None) -> list[Tensor]:
-        return [net(xb if delta is None else self._perturb(xb, delta)).argmax(1) for xb, _ in batches]
+    def _predict(self, net: nn.Module, batches: list[Batch], delta: Tensor | None = None) -> list[Tensor]:
+        return [net(b.x if delta is None else self._perturb(b.x, delta)).argmax(1) for b in batches]
 
-    def universal_perturbation(self, net: nn.Module, batches: list[tuple[Tensor, Tensor]],
-                               labels: list[Tensor]) -> Tensor:
+    def universal_perturbation(self, net: nn.Module, batches: list[Batch], labels: list[Tensor]) -> Tensor:
         """The UAP step: projected, l2-normalised gradient ascent on ``CE(f(x + delta), labels)``
-        from ``delta = 0``, ``uap_steps`` steps per batch. Returns ``delta`` (1, C, H, W)."""
-        x0 = batches[0][0]
-        delta = torch.zeros((1, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
-        for _ in range(self.uap_passes):
-            for (xb, _), lb in zip(batches, labels):
-                for _ in range(self.uap_steps):
-                    d = delta.requires_grad_(True)
-                    loss = F.cross_entropy(net(self._perturb(xb, d)), lb)
-                    (g,) = torch.autograd.grad(loss, [d])
-                    gn = float(g.norm())
-                    delta = delta.detach()
-                    if gn == 0 or not math.isfinite(gn):
-                        break  # flat (or broken) loss: no ascent direction on this batch
-                    delta = self.project(delta + (self.uap_step_size / gn) * g)
-        return delta.detach()
+        from ``delta = 0``, ``uap_steps`` steps per batch (:func:`ibau.perturbation.universal_search`).
+        Returns ``delta`` (1, C, H, W)."""
+        return universal_search(net, [(b.x, lb) for b, lb in zip(batches, labels)], norm_bound=self.norm_bound,
+                                clip=self._clip, step_size=self.uap_step_size, steps_per_batch=self.uap_steps,
+                                passes=self.uap_passes)
 
-    # ------------------------------------------------------------------ driver
-    def fit(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        *,
-        evaluate: Evaluate | None = None,
-        stop_when: StopWhen | None = None,
-    ) -> DefenseResult:
-        """Adversarially fine-tune ``model`` in place with universal perturbations.
+    def outer_step(self, setup: Setup, delta: Tensor, batch: Batch) -> float:
+        """One optimiser step on I-BAU's outer loss with the plain gradient at fixed ``delta``."""
+        mask = self.perturbed_mask(len(batch.x), setup.generator, batch.x.device, batch.x.dtype)
+        loss = F.cross_entropy(setup.net(self._perturb(batch.x, mask * delta)), batch.y)
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        setup.optimizer.step()
+        return float(loss.detach())
 
-        Args:
-            model: a classifier taking float NCHW images in [0, 1] (or normalised inputs
-                with ``normalize`` set), returning logits. Its device is used.
-            x: clean images (N, C, H, W), float in [0, 1]; kept in this order.
-            y: their labels (N,).
-            evaluate: optional ``evaluate(model) -> dict`` called before the first and
-                after every round; its numbers join the history (not timed).
-            stop_when: optional ``stop_when(record) -> bool | str`` called after each round.
-
-        Returns:
-            :class:`DefenseResult` with the model, per-round history and, in
-            ``extras["delta"]``, the last universal perturbation (1, C, H, W) on the CPU.
-        """
+    def round(self, r: int, setup: Setup, extras: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """The UAP step (with its fooling statistics), then one outer pass."""
         from tqdm.auto import tqdm
 
-        x, y = check_images(x, y)
-        device = model_device(model)
-        net = self.wrap(model)
-        was_training = model.training
-        net.eval()
-        params = [p for p in net.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no parameters that require grad")
-        outer_opt = _optimizer(self.outer_optimizer, params, self.outer_lr)
-        generator = torch.Generator().manual_seed(self.seed)
-        dtype = params[0].dtype if params[0].is_floating_point() else torch.float32
-        batches = self.clean_batches(x, y, device, dtype)
+        t0 = time.perf_counter()
+        clean_pred = self._predict(setup.net, setup.batches)
+        labels = clean_pred if self.uap_labels == "predicted" else [b.y for b in setup.batches]
+        delta = self.universal_perturbation(setup.net, setup.batches, labels)
+        extras["delta"] = delta.detach().cpu()
+        before = torch.cat(clean_pred)
+        after = torch.cat(self._predict(setup.net, setup.batches, delta))
+        changed = after[after != before]
+        if len(changed):
+            counts = torch.bincount(changed.cpu())
+            top_class, top_share = int(counts.argmax()), float(counts.max()) / len(changed)
+        else:
+            top_class, top_share = -1, 0.0
+        t_uap = time.perf_counter() - t0
 
-        trace = Trace(evaluate, stop_when)
-        delta = torch.zeros((1, *x.shape[1:]))
-        try:
-            with trace.run(model):
-                for r in range(1, self.rounds + 1):
-                    t0 = time.perf_counter()
-                    clean_pred = self._predict(net, batches)
-                    labels = clean_pred if self.uap_labels == "predicted" else [yb for _, yb in batches]
-                    delta = self.universal_perturbation(net, batches, labels)
-                    before = torch.cat(clean_pred)
-                    after = torch.cat(self._predict(net, batches, delta))
-                    changed = after[after != before]
-                    fooling = len(changed) / len(before)
-                    if len(changed):
-                        counts = torch.bincount(changed.cpu())
-                        top_class, top_share = int(counts.argmax()), float(counts.max()) / len(changed)
-                    else:
-                        top_class, top_share = -1, 0.0
-                    t_uap = time.perf_counter() - t0
-
-                    outer_total = 0.0
-                    steps = tqdm(batches, desc=f"naive UAP round {r}/{self.rounds}", leave=False,
-                                 disable=not self.progress, unit="batch")
-                    for xb, yb in steps:
-                        n = len(xb)
-                        sel = torch.zeros(n, 1, 1, 1, device=device, dtype=xb.dtype)
-                        sel[self.choose_perturbed(n, generator).to(device)] = 1.0
-                        loss = F.cross_entropy(net(self._perturb(xb, sel * delta)), yb)
-                        outer_opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        outer_opt.step()
-                        outer_total += float(loss.detach())
-                        steps.set_postfix(loss=f"{float(loss.detach()):.3f}")
-                    seconds = time.perf_counter() - t0
-                    if not all(math.isfinite(float(p.detach().abs().sum())) for p in params):
-                        raise FloatingPointError(f"naive UAP training diverged in round {r}: non-finite weights "
-                                                 "(lower outer_lr)")
-                    trace.point(model, f"round {r}", round=r, uap_fooling_rate=fooling, uap_top_class=top_class,
-                                uap_top_class_share=top_share, delta_norm=float(delta.norm()),
-                                outer_loss=outer_total / len(batches), seconds=seconds, seconds_uap=t_uap,
-                                seconds_outer=seconds - t_uap)
-        finally:
-            for p in params:
-                p.grad = None
-            model.train(was_training)
-        for rec in trace.history:
-            if rec["point"] == "before":
-                rec["round"] = 0
-        return trace.result(model, {"delta": delta.detach().cpu()}, default_reason=f"completed {self.rounds} rounds")
+        outer_total = 0.0
+        steps = tqdm(setup.batches, desc=f"naive UAP round {r}/{self.rounds}", leave=False,
+                     disable=not self.progress, unit="batch")
+        for batch in steps:
+            loss = self.outer_step(setup, delta, batch)
+            outer_total += loss
+            steps.set_postfix(loss=f"{loss:.3f}")
+        return {"uap_fooling_rate": len(changed) / len(before), "uap_top_class": top_class,
+                "uap_top_class_share": top_share, "delta_norm": float(delta.norm()),
+                "outer_loss": outer_total / len(setup.batches)}, t_uap

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import check_int, check_number
 from ..metrics import model_device
 from ._synthesis import ReversedTrigger, TriggerSynthesis
 
@@ -84,26 +85,23 @@ class NeuralCleanse(TriggerSynthesis):
     """
 
     name = "neural_cleanse"
+    display_name = "Neural Cleanse"
+    short_name = "NC"
+    cost_order = 7
 
     def __init__(self, *, init_cost: float = 1e-3, lr: float = 0.1, batch_size: int = 32, epoch_images: int = 1000,
                  epochs: int = 30, patience: int = 5, cost_multiplier: float = 1.5, success_threshold: float = 0.99,
                  early_stop_patience: int = 10, **kwargs: Any):
         super().__init__(**kwargs)
-        if init_cost < 0 or lr <= 0 or batch_size < 1 or epoch_images < 1 or epochs < 1 or patience < 1:
-            raise ValueError("init_cost must be >= 0; lr, batch_size, epoch_images, epochs, patience positive")
-        if cost_multiplier <= 1:
-            raise ValueError("cost_multiplier must be > 1")
-        if not 0 < success_threshold <= 1:
-            raise ValueError("success_threshold must be in (0, 1]")
-        self.init_cost = init_cost
-        self.lr = lr
-        self.batch_size = batch_size
-        self.epoch_images = epoch_images
-        self.epochs = epochs
-        self.patience = patience
-        self.cost_multiplier = cost_multiplier
-        self.success_threshold = success_threshold
-        self.early_stop_patience = early_stop_patience
+        self.init_cost = check_number("init_cost", init_cost, low=0)
+        self.lr = check_number("lr", lr, low=0, low_open=True)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+        self.epoch_images = check_int("epoch_images", epoch_images, low=1)
+        self.epochs = check_int("epochs", epochs, low=1)
+        self.patience = check_int("patience", patience, low=1)
+        self.cost_multiplier = check_number("cost_multiplier", cost_multiplier, low=1, low_open=True)
+        self.success_threshold = check_number("success_threshold", success_threshold, low=0, low_open=True, high=1)
+        self.early_stop_patience = check_int("early_stop_patience", early_stop_patience, low=0)
 
     # hooks for TABOR -------------------------------------------------------------
     def regularizer(self, net: nn.Module, mask: Tensor, pattern: Tensor, xb: Tensor, yb: Tensor,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import check_number
 from .neural_cleanse import NeuralCleanse
 
 __all__ = ["TABOR", "total_variation"]
@@ -53,20 +54,18 @@ class TABOR(NeuralCleanse):
     """
 
     name = "tabor"
+    display_name = "TABOR"
+    short_name = "TABOR"
+    cost_order = 8
 
     def __init__(self, *, pattern_cost: float = 1e-4, smooth_cost: float = 1e-3, pattern_smooth_cost: float = 1e-4,
                  block_cost: float = 1e-2, overlay_cost: float = 1e-2, **kwargs: Any):
         super().__init__(**kwargs)
-        for key, val in dict(pattern_cost=pattern_cost, smooth_cost=smooth_cost,
-                             pattern_smooth_cost=pattern_smooth_cost, block_cost=block_cost,
-                             overlay_cost=overlay_cost).items():
-            if val < 0:
-                raise ValueError(f"{key} must be >= 0")
-        self.pattern_cost = pattern_cost
-        self.smooth_cost = smooth_cost
-        self.pattern_smooth_cost = pattern_smooth_cost
-        self.block_cost = block_cost
-        self.overlay_cost = overlay_cost
+        self.pattern_cost = check_number("pattern_cost", pattern_cost, low=0)
+        self.smooth_cost = check_number("smooth_cost", smooth_cost, low=0)
+        self.pattern_smooth_cost = check_number("pattern_smooth_cost", pattern_smooth_cost, low=0)
+        self.block_cost = check_number("block_cost", block_cost, low=0)
+        self.overlay_cost = check_number("overlay_cost", overlay_cost, low=0)
 
     def regularizer(self, net: nn.Module, mask: Tensor, pattern: Tensor, xb: Tensor, yb: Tensor,
                     target: int) -> Tensor:

@@ -1,0 +1,85 @@
+"""The ``ibau`` command: one small module per command, each only parsing its options,
+calling one job of :mod:`ibau.jobs` and printing.
+
+Commands register in :data:`COMMANDS` (``ibau.cli.options.Command``). Every bad input
+-- an option the parser or the library refuses, a file that cannot be read, an output
+that would replace an input -- ends with exactly one line ``ibau: error: ...`` on
+standard error and exit status 2, before any work. SIGINT and SIGTERM stop the run and
+say what was written (exit 130 / 143).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from . import bench, defend, demo, evaluate, poison, unlearn  # noqa: F401  (they register themselves)
+from .options import COMMANDS, CommandLineError, build_parser
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Terminated()
+
+
+def _launch(cmd, args) -> int:
+    """Run a command as one rank of a torchrun job: join the process group (gloo on CPU,
+    NCCL with one GPU per rank), keep ranks other than 0 quiet, leave the group after."""
+    import contextlib
+    import os
+
+    from ..distributed import init_from_env, shutdown
+    from ..jobs.inputs import resolve_device
+
+    requested = getattr(args, "device", None)
+    comm, device = init_from_env(None if requested in (None, "auto") else resolve_device(requested))
+    if hasattr(args, "device"):
+        args.device = str(device)
+    try:
+        if comm is not None and comm.rank != 0:
+            if hasattr(args, "quiet"):
+                args.quiet = True
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                return cmd.run(args)
+        return cmd.run(args)
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..distributed import launched
+    from ..errors import InputError
+
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a worker thread): leave signals alone
+        pass
+    state = {"written": "nothing was written"}
+    try:
+        args = build_parser().parse_args(argv)
+        cmd = COMMANDS[args.command]
+        args._state = state
+        if launched():  # torchrun --nproc-per-node N -m ibau ...
+            return _launch(cmd, args)
+        return cmd.run(args)
+    except (InputError, CommandLineError, FileExistsError, ImportError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"ibau: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"ibau: {what}; {state['written']}", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

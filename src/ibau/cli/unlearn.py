@@ -1,0 +1,46 @@
+"""``ibau unlearn``: remove a backdoor with I-BAU using a small clean dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import (FLOAT, INT, _optional_float, command, data_options, data_source, finish, ibau_options,
+                      ibau_settings, log_of, model_options, model_source, run_options)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..unlearn import unlearn
+
+    defaults = {k: v.default for k, v in __import__("inspect").signature(unlearn).parameters.items()}
+    model_options(p)
+    data_options(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, required=True, help="sanitised weights (.safetensors)")
+    o.add_argument("--report", type=Path, required=True, help="JSON report")
+    o.add_argument("--report-dir", type=Path, help="also write a markdown report with plots here")
+    o.add_argument("--force", action="store_true", help="replace existing outputs (never an input)")
+    r = p.add_argument_group("rounds")
+    r.add_argument("--rounds", default=defaults["rounds"],
+                   help=f"I-BAU rounds, or 'auto': until robust or no progress (default: {defaults['rounds']})")
+    r.add_argument("--max-rounds", type=INT, default=defaults["max_rounds"],
+                   help=f"most rounds for --rounds auto (default: {defaults['max_rounds']})")
+    r.add_argument("--threshold", type=FLOAT, default=defaults["threshold"],
+                   help=f"--rounds auto stops below this universal-perturbation success rate "
+                        f"(default: {defaults['threshold']})")
+    r.add_argument("--robustness-bound", type=_optional_float,
+                   help="l2 bound of the universal-perturbation search (default: the I-BAU bound)")
+    run_options(p, seed_help="seed of the split, I-BAU and the robustness search (default: 0)")
+    ibau_options(p)
+
+
+@command("unlearn", "remove a backdoor from a model with I-BAU, using a small clean dataset", add_arguments)
+def run(args: argparse.Namespace) -> int:
+    from ..jobs.commands import unlearn_job
+
+    written = unlearn_job(model_source(args), data_source(args), out=args.out, report=args.report,
+                          report_dir=args.report_dir, force=args.force, holdout=args.holdout, rounds=args.rounds,
+                          max_rounds=args.max_rounds, threshold=args.threshold,
+                          robustness_bound=args.robustness_bound, seed=args.seed, device=args.device,
+                          progress=not args.quiet, ibau_settings=ibau_settings(args), log=log_of(args))
+    return finish(args, written)
