@@ -27,17 +27,20 @@ SHARED_DATA = Path(os.environ.get("IBAU_SHARED_DATA", Path(__file__).resolve().p
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    yield
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for a test (tiny models with per-sample work are faster that way)."""
+    """Every test runs with one torch thread: the same numbers on every machine (results of
+    float reductions depend on the thread count), and no slowdown when the cores are shared
+    (the tests' models are tiny; two spinning threads on a loaded 2-core machine ran 5-10x
+    slower)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Kept for tests that say so explicitly: one torch thread (the default of every test)."""
+    yield
 
 
 @pytest.fixture

@@ -168,12 +168,20 @@ def test_resume_gives_the_same_generators_and_model(tmp_path, digits):
 
 def test_end_to_end_backdoor_on_digits(tmp_path, digits):
     """A small VGG trained jointly with the generators on 8x8 digits learns the
-    input-specific backdoor. The mask density and the poisoned share are raised from
-    the paper's 0.032 / 0.1 (two pixels of an 8x8 image; needs hundreds of epochs) so
-    that 10 epochs suffice. Measured: ACC 0.98, ASR 0.87 (clean model: 0.00)."""
+    input-specific backdoor, in 12 epochs instead of the paper's hundreds:
+
+    * the mask density and the poisoned share are raised from the paper's 0.032 / 0.1
+      (two pixels of an 8x8 image) to 0.2 / 0.2;
+    * the generators learn at 2e-3 instead of 1e-2: at 1e-2 the mask generator's
+      density does not settle on images this small (epoch to epoch it jumped between
+      0.02 and 0.33), so the mask frozen after ``mask_epochs`` was a draw, and so was
+      the ASR after 10 epochs (0.29-0.91 over seeds; 0.39 on one CI machine).
+
+    Measured over generator, initialisation and shuffling seeds: ACC 0.98, ASR 0.80-0.96,
+    mask density 0.14-0.16 (clean model: ASR 0.00)."""
     xtr, ytr, xte, yte = digits
-    cfg = TrainConfig(epochs=10, batch_size=64, lr=1e-3)
-    atk = InputAware(image_shape=(1, 8, 8), poison_ratio=0.2, mask_density=0.1, mask_epochs=2)
+    cfg = TrainConfig(epochs=12, batch_size=64, lr=1e-3)
+    atk = InputAware(image_shape=(1, 8, 8), poison_ratio=0.2, mask_density=0.2, mask_epochs=2, generator_lr=2e-3)
     torch.manual_seed(0)
     model = SmallVGG(10, 1, 8)
     clean = copy.deepcopy(model)
@@ -185,8 +193,8 @@ def test_end_to_end_backdoor_on_digits(tmp_path, digits):
     assert metrics["acc"] > 0.95
     assert metrics["asr"] > 0.6 and metrics["asr"] > clean_asr + 0.5
     with torch.no_grad():
-        assert 0.01 < float(atk.mask(xte).mean()) < 0.15  # near its density target (0.062 for 0.1)
-    assert _pairwise_pattern_distance(atk, xte[:40]).mean() > 0.2  # trained triggers stay diverse (0.44)
+        assert 0.05 < float(atk.mask(xte).mean()) < 0.25  # near its density target of 0.2
+    assert _pairwise_pattern_distance(atk, xte[:40]).mean() > 0.2  # trained triggers stay diverse (0.57-0.63)
     # the saved attack re-applies exactly the same triggers (and the same ASR)
     again, _ = load_manifest(save_manifest(atk, tmp_path / "iab.attack.json"))
     assert torch.equal(again.apply(xte), atk.apply(xte))

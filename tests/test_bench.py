@@ -154,7 +154,7 @@ def test_grid_runs_caches_models_and_resumes(tmp_path, tiny_grid, one_thread):
     exp = load_experiment(tiny_grid())
     cells = expand(exp, "cpu")
     res, cache = tmp_path / "res", tmp_path / "cache"
-    s = run_grid(cells, results=res, cache=cache, workers=0, progress=False, printer=None)
+    s = run_grid(cells, results=res, cache=cache, workers=0, threads=1, progress=False, printer=None)
     assert (s.done, s.skipped, s.failed) == (2, 0, 0)
     recs = {r["params"]["defense"]: r for r in load_results(res, "tiny")}
     none, ib = recs["none"]["result"], recs["ibau"]["result"]
@@ -166,7 +166,7 @@ def test_grid_runs_caches_models_and_resumes(tmp_path, tiny_grid, one_thread):
         assert r["status"] == "ok" and r["params"]["seed"] == 0 and r["wall_seconds"] > 0
         assert r["peak_rss_mb"] > 0 and r["environment"]["torch"] == torch.__version__
     stamps = {p: p.stat().st_mtime_ns for p in (res / "tiny").glob("*.json")}
-    s2 = run_grid(cells, results=res, cache=cache, workers=0, progress=False, printer=None)
+    s2 = run_grid(cells, results=res, cache=cache, workers=0, threads=1, progress=False, printer=None)
     assert (s2.done, s2.skipped) == (0, 2)
     assert {p: p.stat().st_mtime_ns for p in (res / "tiny").glob("*.json")} == stamps
     # a changed setting makes the old I-BAU file stale; prune removes exactly it
@@ -192,12 +192,12 @@ def test_failed_cell_is_recorded_and_retried(tmp_path, one_thread):
         defenses = ["none"]
     """)
     cells = expand(load_experiment(path), "cpu")
-    s = run_grid(cells, results=tmp_path / "r", cache=tmp_path / "c", data_dir=tmp_path, workers=0, progress=False,
-                 printer=None)
+    s = run_grid(cells, results=tmp_path / "r", cache=tmp_path / "c", data_dir=tmp_path, workers=0, threads=1,
+                 progress=False, printer=None)
     assert s.failed == 1 and not finished(tmp_path / "r", cells[0])
     err = json.loads(next((tmp_path / "r" / "bad").glob("*.error.json")).read_text())
     assert "weights not found" in err["error"] and "make it first" in err["error"]
-    assert run_grid(cells, results=tmp_path / "r", cache=tmp_path / "c", data_dir=tmp_path, workers=0,
+    assert run_grid(cells, results=tmp_path / "r", cache=tmp_path / "c", data_dir=tmp_path, workers=0, threads=1,
                     progress=False, printer=None).failed == 1  # tried again, not skipped
 
 
@@ -213,7 +213,8 @@ def test_report_from_results(tmp_path, tiny_grid, one_thread):
     config = tiny_grid()
     exp = load_experiment(config)
     res = tmp_path / "res"
-    run_grid(expand(exp, "cpu"), results=res, cache=tmp_path / "cache", workers=0, progress=False, printer=None)
+    run_grid(expand(exp, "cpu"), results=res, cache=tmp_path / "cache", workers=0, threads=1, progress=False,
+             printer=None)
     out = write_report([exp], res, tmp_path / "REPORT.md", profile="cpu")
     text = out.read_text()
     rec = next(r for r in load_results(res, "tiny") if r["params"]["defense"] == "ibau")

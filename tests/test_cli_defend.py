@@ -68,7 +68,7 @@ def test_neural_cleanse_through_the_command_line(files, tmp_path, capsys):
     (("--param", "nope=1"), "has no setting nope"),
     (("--param", "epochs"), "--param must be KEY=VALUE"),
     (("--param", "cost_multiplier=0.5"), "cost_multiplier must be > 1"),
-    (("--normalize", "0.5/0.5", "--method", "dp"), "dp does not take --normalize"),
+    (("--normalize", "0.5/0.5", "--method", "dp"), "dp does not take normalize"),
 ])
 def test_bad_parameters_exit_2_and_write_nothing(files, tmp_path, capsys, extra, message):
     root, _ = files
@@ -89,4 +89,4 @@ def test_missing_inputs_and_unknown_method(files, tmp_path, capsys):
     i = args.index("--weights")
     del args[i:i + 2]
     assert main(args) == 2
-    assert "--weights is required for neural_cleanse" in capsys.readouterr().err
+    assert "weights are required for neural_cleanse" in capsys.readouterr().err

@@ -151,7 +151,7 @@ def _bad_cases(setup, tmp_path):
     np.savez(tmp_path / "range.npz", x=np.full((50, 1, 8, 8), 2.0, np.float32), y=np.arange(50) % 10)
     np.savez(tmp_path / "one_class.npz", x=data["x"], y=np.zeros_like(data["y"]))
     np.savez(tmp_path / "empty.npz", x=np.zeros((0, 8, 8), np.uint8), y=np.zeros(0, np.int64))
-    np.savez(tmp_path / "small.npz", x=data["x"][:30], y=data["y"][:30])
+    np.savez(tmp_path / "small.npz", x=data["x"][:120], y=data["y"][:120])  # 20 left after 100 held out
     (tmp_path / "exists.safetensors").write_bytes(b"keep me")
     d = str(root / "model_def.py")
     return [

@@ -50,7 +50,15 @@ def test_nc_nothing_flagged_leaves_the_model_unchanged():
 def test_tabor_flags_the_target_but_finds_nothing_on_all_to_all():
     one = testing.digits_backdoor("one_target")
     res = TABOR(**FAST).fit(one["model"], one["x_clean"], one["y_clean"])
-    assert res.extras["scan"]["flagged"] == [0]
+    scan = res.extras["scan"]
+    # The planted target stands out by far: measured anomaly index 8.8-13.4, every other
+    # class at most 3.0. A digit with a naturally small trigger (8 or 9 on this model) sits
+    # near the threshold of 2 (measured 1.8-3.0, over search budgets, scan seeds and the
+    # float rounding of 1 or 2 threads; closer to converged searches put it higher), so
+    # whether it is flagged as well is not pinned here: only the planted class must stand out.
+    assert 0 in scan["flagged"]
+    assert scan["anomaly_index"][0] > 2 * max(scan["anomaly_index"][1:])
+    assert int(torch.tensor(scan["scores"]).argmin()) == 0
     assert testing.digits_metrics(res.model, one)["asr"] < 0.1
     # the paper (Table 1): on all-to-all TABOR detects no trigger -- every class is a target
     a2a = testing.digits_backdoor("all_to_all")

@@ -315,18 +315,38 @@ def test_outputs_get_the_users_umask(world, tmp_path, capsys):
 
 
 def test_sigterm_behaves_like_sigint(world, tmp_path):
-    """A real process: SIGTERM during the work says what was written and exits 143."""
+    """A real process: SIGTERM during the work says what was written and exits 143.
+    The signal is sent once the run's progress bar shows that the work has started."""
     import signal
     import subprocess
     import sys
+    import threading
 
-    args = _materialise(U("--rounds", "50", "--max-rounds", "50", "--batch-size", "10", out="OUT/o.safetensors",
-                          report="OUT/r.json"), world, tmp_path / "o")
+    args = _materialise(U("--rounds", "10000", "--batch-size", "10", out="OUT/o.safetensors", report="OUT/r.json"),
+                        world, tmp_path / "o")
+    args.remove("--quiet")
     proc = subprocess.Popen([sys.executable, "-m", "ibau", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
-    time.sleep(8)
+    chunks: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        while True:
+            c = proc.stderr.read(1)
+            if not c:
+                return
+            chunks.append(c)
+            if "%" in c or "it/s" in "".join(chunks[-8:]):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(180), "".join(chunks)[-2000:]
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    err = "".join(chunks)
     assert proc.returncode == 143, err[-2000:]
-    assert "terminated" in err and "nothing was written" in err and "Traceback" not in err
-    assert not (tmp_path / "o" / "o.safetensors").exists()
+    assert "ibau: terminated; nothing was written" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

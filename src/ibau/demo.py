@@ -18,30 +18,11 @@ from typing import Any
 
 import torch
 
+from .data.datasets import load_digits_tensors, split_digits
+
 __all__ = ["run_demo", "load_digits_tensors", "digits_trigger", "split_digits"]
 
 TARGET = 0
-
-
-def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError("the demo uses scikit-learn's bundled digits: pip install 'ibau[demo]' "
-                          "(or pip install scikit-learn)") from None
-    d = load_digits()
-    x = torch.from_numpy(d.images).float().div(16).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
-    return x, torch.from_numpy(d.target).long()
-
-
-def split_digits(seed: int = 0):
-    """The digits and a seeded split of their indices: 1,100 training, 400 clean (the
-    defender's), the rest (297) test; also the generator that drew it, for the draws
-    that follow (which images get poisoned)."""
-    x, y = load_digits_tensors()
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=g)
-    return x, y, perm[:1100], perm[1100:1500], perm[1500:], g
 
 
 def digits_trigger():

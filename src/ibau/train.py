@@ -54,11 +54,11 @@ def load_checkpoint(path: str | os.PathLike, config: TrainConfig) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"the checkpoint {path} cannot be read safely ({type(exc).__name__}); {fix}") from None
+    if isinstance(state, dict) and isinstance(state.get("config"), dict) and state["config"] != config.as_dict():
+        raise InputError(f"the checkpoint {path} was written with another config {state['config']}; "
+                         f"run with that config to resume, or {fix}")
     if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in _CHECKPOINT_KEYS.items()):
         raise InputError(f"the checkpoint {path} is not a training checkpoint of ibau; {fix}")
-    if state["config"] != config.as_dict():
-        raise InputError(f"the checkpoint {path} was written with another training config {state['config']}; "
-                         f"run with that config to resume, or {fix}")
     if not 0 <= state["epoch"] <= config.epochs:
         raise InputError(f"the checkpoint {path} has an impossible epoch {state['epoch']}; {fix}")
     return state

@@ -20,7 +20,7 @@ import torch
 from ..errors import InputError
 from .base import Attack, create_attack
 
-__all__ = ["save_manifest", "load_manifest", "ManifestError"]
+__all__ = ["save_manifest", "load_manifest", "trigger_path", "ManifestError"]
 
 
 class ManifestError(InputError):
@@ -159,7 +159,7 @@ def _shapes(attack: Attack) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in shape)] if shape is not None else []
 
 
-def _trigger_path(path: Path) -> Path:
+def trigger_path(path: Path) -> Path:
     name = path.name[: -len(".json")] if path.name.endswith(".json") else path.name
     return path.with_name(name + ".trigger.safetensors")
 
@@ -173,7 +173,7 @@ def save_manifest(attack: Attack, path: str | os.PathLike, *, extra: dict[str, A
     path = Path(path)
     if path.exists() and not force:  # before anything is written
         raise FileExistsError(f"{path} exists; pass force=True to overwrite it")
-    tpath = _trigger_path(path)
+    tpath = trigger_path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in attack.state_dict().items()}
     if state:
         atomic_write(tpath, lambda tmp: save_file(state, tmp), force=force)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..defenses import DEFENSES, create
+from ..jobs.runner import make_defense
 from ..defenses.base import time_to_effect
 from ..metrics import predict
 from ..poisoning import evaluate_attack, subset
@@ -99,12 +99,8 @@ def run_defend(params: dict[str, Any], env: Env) -> dict[str, Any]:
         out.update(after=before, history=[{"point": "before", "elapsed": 0.0, **before}], seconds=0.0,
                    stop_reason="no defense", time_to_effect=None)
         return out
-    if name not in DEFENSES:
-        raise KeyError(f"unknown defense {name!r}; known: {', '.join(sorted(DEFENSES))}")
-    settings = _none(dict(params.get("settings", {})))
-    settings.setdefault("seed", params.get("seed", 0))
-    settings.setdefault("progress", bool(env.get("progress", False)))
-    defense = create(name, **settings)
+    defense = make_defense(name, _none(dict(params.get("settings", {}))), seed=params.get("seed", 0),
+                           progress=bool(env.get("progress", False)))
     if getattr(defense, "data_role", "clean") == "training":
         # DP-SGD trains a fresh model from scratch on the poisoned training data
         tr = bdata.load(dataset, root, "train")

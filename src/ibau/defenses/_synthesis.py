@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, check_int, check_number
-from ..metrics import model_device
 from ..perturbation import check_normalize
 from ._common import fine_tune, mad_anomaly_index, stamp_fraction
 from .base import Defense, Run, check_images, check_labels

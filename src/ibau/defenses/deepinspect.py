@@ -156,16 +156,14 @@ class DeepInspect(TriggerSynthesis):
         eval_images: clean images (not of the class) on which a class's generation loss
             is measured.
         eval_samples: draws of ``z`` per image for that measurement.
-        **kwargs: the family's settings (:class:`ibau.defenses._synthesis.TriggerSynthesis`):
-            ``threshold=2``, ``unlearn_fraction=0.2``, ``unlearn_epochs=1``, ``unlearn_lr=1e-3``,
-            ``unlearn_batch_size=100``, ``classes``, ``normalize``, ``seed``, ``progress``.
+        **kwargs: the family's settings, as for :class:`~ibau.defenses.NeuralCleanse`.
 
-    Example::
+    Example (detection only with ``scan``, detection and unlearning with ``fit``)::
 
-        >>> di = DeepInspect(seed=0)
-        >>> scan = di.scan(model, x_clean, y_clean)     # detection only
+        >>> scan = DeepInspect(seed=0).scan(model, x_clean, y_clean)
         >>> scan.flagged, scan.anomaly_index
-        >>> result = di.fit(model, x_clean, y_clean)    # detection + unlearning
+        >>> result = DeepInspect(seed=0).fit(model, x_clean, y_clean)
+        >>> result.extras["scan"]["flagged"], result.extras["triggers"]["pattern_0"]
     """
 
     name = "deepinspect"

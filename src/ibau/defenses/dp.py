@@ -6,11 +6,10 @@ import copy
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import InputError, check_choice, check_int, check_number
 from ..metrics import model_device
@@ -226,23 +225,10 @@ class DPSGD(Defense):
     data_role = "training"
     point_key = "epoch"
 
-    def __init__(
-        self,
-        *,
-        noise_multiplier: float = 50.0,
-        max_grad_norm: float = 1.0,
-        epochs: int = 50,
-        batch_size: int = 128,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        reinitialize: bool = True,
-        delta: float = 1e-5,
-        accountant: str = "rdp",
-        poisson_sampling: bool = True,
-        seed: int = 0,
-        progress: bool = True,
-    ):
+    def __init__(self, *, noise_multiplier: float = 50.0, max_grad_norm: float = 1.0, epochs: int = 50,
+                 batch_size: int = 128, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 reinitialize: bool = True, delta: float = 1e-5, accountant: str = "rdp",
+                 poisson_sampling: bool = True, seed: int = 0, progress: bool = True):
         self.noise_multiplier = float(check_number("noise_multiplier", noise_multiplier, low=0))
         self.max_grad_norm = float(check_number("max_grad_norm", max_grad_norm, low=0, low_open=True))
         self.epochs = check_int("epochs", epochs, low=0)

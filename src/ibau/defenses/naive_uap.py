@@ -96,31 +96,16 @@ class NaiveUAP(UniversalPerturbation):
     """
 
     name = "naive_uap"
-    display_name = "Naive UAP"
-    short_name = "Naive UAP"
+    display_name = short_name = "Naive UAP"
     role = "heuristic"
     cost_order = 2
-    data_role = "clean"
     phase_key = "seconds_uap"
 
-    def __init__(
-        self,
-        *,
-        rounds: int = 5,
-        norm_bound: float | None = 10.0,
-        uap_steps: int = 5,
-        uap_step_size: float = 1.0,
-        uap_passes: int = 1,
-        uap_labels: str = "predicted",
-        outer_lr: float = 1e-3,
-        outer_optimizer: str = "adam",
-        batch_size: int = 100,
-        perturb_fraction: float = 0.01,
-        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
-        seed: int = 0,
-        clip_images: bool | None = None,
-        progress: bool = True,
-    ):
+    def __init__(self, *, rounds: int = 5, norm_bound: float | None = 10.0, uap_steps: int = 5,
+                 uap_step_size: float = 1.0, uap_passes: int = 1, uap_labels: str = "predicted",
+                 outer_lr: float = 1e-3, outer_optimizer: str = "adam", batch_size: int = 100,
+                 perturb_fraction: float = 0.01, normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+                 seed: int = 0, clip_images: bool | None = None, progress: bool = True):
         self._set_common(rounds=rounds, norm_bound=norm_bound, outer_lr=outer_lr, outer_optimizer=outer_optimizer,
                          batch_size=batch_size, perturb_fraction=perturb_fraction, normalize=normalize, seed=seed,
                          clip_images=clip_images, progress=progress)

@@ -217,7 +217,7 @@ def poison_job(attack_name: str, model: ModelSource, data: DataSource, *, out: P
     trigger tensors) and the metrics next to each other. Same seed, same weights: every
     model is built after seeding and training draws from seeded generators."""
     from ..attacks import ATTACKS, create_attack
-    from ..attacks.manifest import _trigger_path, save_manifest
+    from ..attacks.manifest import trigger_path, save_manifest
     from ..io import load_weights, save_weights, write_json
     from ..poisoning import default_checkpoint, poison_and_train, subset
     from ..train import TrainConfig, train
@@ -228,7 +228,7 @@ def poison_job(attack_name: str, model: ModelSource, data: DataSource, *, out: P
         plan.add_inputs(eval_data.paths(), "evaluation data")
     out = plan.add(out, "output weights", suffix=".safetensors")
     manifest_path = plan.add(out.with_name(out.stem + ".attack.json"), "manifest")
-    plan.add(_trigger_path(manifest_path), "trigger file")
+    plan.add(trigger_path(manifest_path), "trigger file")
     metrics_path = plan.add(out.with_name(out.stem + ".metrics.json"), "metrics file")
     checkpoint = default_checkpoint(out)
     plan.check()
@@ -331,12 +331,9 @@ def evaluate_job(model: ModelSource, data: DataSource, *, manifest: Path, json_o
     json_out = plan.add(json_out, "metrics file")
     plan.check()
     resolve_device(device)
-    attack, _ = load_manifest(manifest)
+    load_manifest(manifest)  # its schema and trigger file, before the data is read
     inputs = load_inputs(model, data, device=device, seed=seed, min_size=1)
-    for t in _targets(attack):
-        if not 0 <= t < inputs.num_classes:
-            raise InputError(f"the manifest's target class {t} is out of range for a model with "
-                             f"{inputs.num_classes} classes")
+    attack, _ = load_manifest(manifest, num_classes=inputs.num_classes, image_shape=tuple(inputs.x.shape[1:]))
     net = inputs.model.eval()
     if inputs.normalize is not None:
         from ..models import Normalized
