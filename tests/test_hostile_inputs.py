@@ -215,6 +215,7 @@ CASES = {
     "out and report the same": (U(out="OUT/same.safetensors", report="OUT/same.safetensors"), "same place"),
     "out under a file": (U(out="W/plain.txt/o.safetensors"), "not a folder"),
     "out not safetensors": (U(out="OUT/o.pth"), ".safetensors"),
+    "report a device": (U("--force", report="/dev/full"), "not a regular file"),
     # manifests for evaluate
     "manifest a JSON list": (E(manifest="list.attack.json"), "manifest"),
     "manifest deeply nested": (E(manifest="deep.attack.json"), "manifest"),

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"ibau: error: {message}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the disk filled up or a file went away during the run
+        print(f"ibau: error: {' '.join(str(exc).split())}; {state['written']}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
         print(f"ibau: {what}; {state['written']}", file=sys.stderr)

@@ -115,6 +115,7 @@ def unlearn_job(model: ModelSource, data: DataSource, *, out: Path, report: Path
         require_matplotlib()
 
     inputs = load_inputs(model, data, device=device, seed=seed)
+    plan.check_space(2 * _state_bytes(inputs.model))
     if inputs.normalize is not None:
         settings["normalize"] = inputs.normalize
     result = unlearn(inputs.model, inputs.x, inputs.y, holdout=holdout, rounds=rounds, max_rounds=max_rounds,
@@ -168,6 +169,7 @@ def defend_job(method: str, model: ModelSource, data: DataSource, *, out: Path, 
         raise InputError(f"{method} does not take normalize (it works on the model's own inputs)")
     resolve_device(device)
     inputs = load_inputs(model, data, device=device, seed=seed)
+    plan.check_space(2 * _state_bytes(inputs.model))
     if inputs.normalize is not None:
         settings["normalize"] = inputs.normalize
     result = defend(inputs.model, inputs.x, inputs.y, method, holdout=holdout, seed=seed, progress=progress,
@@ -265,6 +267,7 @@ def poison_job(attack_name: str, model: ModelSource, data: DataSource, *, out: P
     x, y = subset(x, y, subset_size, seed)
     evald = eval_data.load() if eval_data is not None else None
     inputs = load_inputs(model, (x, y), device=dev, seed=seed)  # built after seeding
+    plan.check_space(4 * _state_bytes(inputs.model))  # weights, trigger, and the per-epoch checkpoint
     classes = inputs.num_classes
     for t in _targets(attack):
         if not 0 <= t < classes:
@@ -308,6 +311,10 @@ def poison_job(attack_name: str, model: ModelSource, data: DataSource, *, out: P
     written.lines = [line]
     written.files = {"weights": out, "manifest": manifest_path}
     return written
+
+
+def _state_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _targets(attack) -> list[int]:

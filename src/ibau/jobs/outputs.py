@@ -17,6 +17,7 @@ for the interruption message. Files and folders get the user's umask (see
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,9 @@ class Outputs:
                     raise InputError(f"the {out.what} {out.path} exists and is not a folder")
                 if not out.folder and out.path.is_dir():
                     raise InputError(f"the {out.what} {out.path} is a folder; give a file path")
+                if not out.folder and not out.path.is_file():
+                    raise InputError(f"the {out.what} {out.path} exists and is not a regular file (a device, "
+                                     "a pipe or a broken link); give a file path")
             self._check_writable(out)
 
     @staticmethod
@@ -108,6 +112,26 @@ class Outputs:
             raise InputError(f"cannot write the {out.what} {out.path}: {probe} is not a folder")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise InputError(f"cannot write the {out.what} {out.path}: the folder {probe} is not writable")
+
+    def check_space(self, nbytes: int) -> None:
+        """Refuse, before the work, when a folder the outputs go to has less than
+        ``nbytes`` (plus 1 MiB) free: a full disk is found now, not after the run."""
+        need = int(nbytes) + (1 << 20)
+        seen: set[Path] = set()
+        for out in self.outputs:
+            probe = _real(out.path).parent
+            while not probe.exists() and probe.parent != probe:
+                probe = probe.parent
+            if probe in seen:
+                continue
+            seen.add(probe)
+            try:
+                free = shutil.disk_usage(probe).free
+            except OSError:
+                continue
+            if free < need:
+                raise InputError(f"the disk holding {probe} has {free} bytes free; the outputs need about {need}: "
+                                 "free some space or choose another output folder")
 
     def wrote(self, path: Path) -> None:
         self.written.append(Path(path))
