@@ -71,11 +71,7 @@ def defense_class(name: str) -> type:
     """The class registered as ``name``; :class:`~ibau.registry.UnknownName` listing the known ones."""
     from ..defenses import DEFENSES
 
-    if not isinstance(name, str) or name not in DEFENSES:
-        from ..registry import UnknownName
-
-        raise UnknownName(f"unknown defense {name!r}; known: {', '.join(sorted(DEFENSES))}")
-    return DEFENSES[name]
+    return DEFENSES.get_or_raise(name)
 
 
 def make_defense(method: str | type, settings: dict[str, Any] | None = None, *, seed: int = 0,

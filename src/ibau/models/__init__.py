@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..registry import Registry
+
 from .cifar_nets import DenseNet121, GoogLeNet, ResNet18
 from .features import features
 from .normalize import Normalized
@@ -30,30 +32,23 @@ __all__ = [
     "Normalized",
 ]
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+#: name -> factory taking ``num_classes`` (and optional ``in_channels``, ``width``, ...)
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = factory
-        return factory
-
-    return deco
+    """Decorator: register a model factory under ``name``."""
+    return MODELS.register(name)
 
 
 def available() -> list[str]:
-    return sorted(MODELS)
+    return MODELS.names()
 
 
 def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
-    """Build a registered model. Raises ``KeyError`` naming the known models."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(available())}") from None
-    return factory(num_classes=num_classes, **kwargs)
+    """Build a registered model. An unknown name raises :class:`~ibau.registry.UnknownName`
+    (an ``InputError`` and a ``KeyError``) listing the known models."""
+    return MODELS.get_or_raise(name)(num_classes=num_classes, **kwargs)
 
 
 register("small_vgg")(SmallVGG)
