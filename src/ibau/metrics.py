@@ -22,6 +22,7 @@ TargetSpec = int | Callable[[Tensor], Tensor]
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (else first buffer; CPU when it has neither)."""
     for t in model.parameters():
         return t.device
     for t in model.buffers():

@@ -20,6 +20,14 @@ from .trigger import Trigger
 NOT_PREPARED = "call prepare(model, x) first (or load_state_dict) to generate the {} trigger"
 
 
+def prepared(value: Any, name: str) -> Any:
+    """``value`` (something ``prepare`` fills in); RuntimeError saying to call ``prepare``
+    on the attack called ``name`` while it is still None."""
+    if value is None:
+        raise RuntimeError(NOT_PREPARED.format(name))
+    return value
+
+
 def as_shape(image_shape: Sequence[int], name: str = "image_shape") -> tuple[int, int, int]:
     """``(C, H, W)`` of positive ints; :class:`InputError` naming ``name`` otherwise."""
     try:
@@ -146,9 +154,7 @@ class TriggerAttack(Attack):
 
     @property
     def trigger(self) -> Trigger:
-        if self._trigger is None:
-            raise RuntimeError(NOT_PREPARED.format(self.name))
-        return self._trigger
+        return prepared(self._trigger, self.name)
 
     @property
     def ready(self) -> bool:
@@ -250,6 +256,16 @@ class FeatureProbe:
             if isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == n_units and m.groups == 1:
                 return w.detach().abs().transpose(0, 1).reshape(n_units, -1).sum(1)
         raise ValueError(f"found no Linear/Conv layer after {self.name!r} taking its {n_units} units as input")
+
+
+#: The end of a :class:`GeneratedAttack` subclass's docstring Args (the keywords every
+#: such constructor passes on to ``GeneratedAttack.__init__``) and its image contract.
+GENERATED_ARGS_DOC = """        seed: seed of the initialisation and batch order (0).
+        batch_size: clean images per step (128).
+        image_shape: (C, H, W) before ``prepare``; the trigger takes the size of ``x``.
+
+    Images: float (N, C, H, W) or (C, H, W) in [0, 1]; output of the same shape in [0, 1].
+"""
 
 
 class GeneratedAttack(TriggerAttack):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import TriggerAttack, as_shape, fit_channels, resize, seeded, shape_of
-from ..errors import InputError, check_int, check_number
+from ..errors import InputError, check_number
 from .base import register_attack
 from .trigger import Trigger
 
@@ -56,6 +56,23 @@ def _load_picture(path: str | Path, channels: int) -> Tensor:
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
+def _picture_source(image: Tensor | str | Path | None) -> Tensor | str | Path | None:
+    """The checked ``image`` argument of the picture attacks (Blend, SemanticReplacement):
+    a (C, H, W) tensor in [0, 1] comes back as a detached CPU float32 copy, the path of an
+    existing file or ``None`` unchanged; anything else raises :class:`InputError`."""
+    if isinstance(image, Tensor):
+        image = image.detach().cpu().float()
+        if image.dim() != 3 or image.numel() == 0 or not bool(torch.isfinite(image).all()) \
+                or image.min() < 0 or image.max() > 1:
+            raise InputError("image must be a (C, H, W) tensor with values in [0, 1]")
+    elif isinstance(image, (str, Path)):
+        if not Path(image).is_file():
+            raise InputError(f"image: picture file not found: {image}")
+    elif image is not None:
+        raise InputError(f"image must be a file path, a (C, H, W) tensor or None, got {type(image).__name__}")
+    return image
+
+
 @register_attack
 class Blend(TriggerAttack):
     """Blend (Chen et al., 2017, "Targeted backdoor attacks on deep learning systems
@@ -88,14 +105,7 @@ class Blend(TriggerAttack):
         super().__init__(target=target, seed=seed, image_shape=image_shape)
         self.alpha = float(check_number("alpha", alpha, low=0.0, high=1.0))
         self.image = str(image) if isinstance(image, (str, Path)) else None  # config: the file, if any
-        if isinstance(image, Tensor):
-            image = image.detach().cpu().float()
-            if image.dim() != 3 or image.numel() == 0 or not bool(torch.isfinite(image).all()) \
-                    or image.min() < 0 or image.max() > 1:
-                raise InputError("image must be a (C, H, W) tensor with values in [0, 1]")
-        elif image is not None and not isinstance(image, (str, Path)):
-            raise InputError(f"image must be a file path, a (C, H, W) tensor or None, got {type(image).__name__}")
-        self._source = image
+        self._source = _picture_source(image)
         self._build(self.image_shape)
 
     def _picture(self, shape: tuple[int, int, int]) -> Tensor:

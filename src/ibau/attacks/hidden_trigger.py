@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.poison import TensorSet
-from ._common import NOT_PREPARED, FeatureProbe, constructor_config, frozen_eval, model_device, seeded, shape_of
+from ._common import FeatureProbe, constructor_config, frozen_eval, model_device, prepared, seeded, shape_of
 from ..errors import InputError, check_int, check_number
 from .base import Attack, register_attack
 
@@ -197,23 +197,17 @@ class HiddenTrigger(Attack):
 
     @property
     def patch(self) -> Tensor:
-        if self._patch is None:
-            raise RuntimeError(NOT_PREPARED.format(self.name))
-        return self._patch
+        return prepared(self._patch, self.name)
 
     @property
     def poisons(self) -> Tensor:
         """The crafted poisons (K, C, H, W)."""
-        if self._poisons is None:
-            raise RuntimeError(NOT_PREPARED.format(self.name))
-        return self._poisons
+        return prepared(self._poisons, self.name)
 
     @property
     def poison_indices(self) -> Tensor:
         """Indices (into the ``x`` given to ``prepare``) of the images the poisons replace."""
-        if self._indices is None:
-            raise RuntimeError(NOT_PREPARED.format(self.name))
-        return self._indices
+        return prepared(self._indices, self.name)
 
     def _locations(self, x: Tensor) -> tuple[Tensor, Tensor]:
         n, _, h, w = x.shape

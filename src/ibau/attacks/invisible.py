@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import GeneratedAttack, as_shape, batches
-from ..errors import InputError, check_int, check_number
+from ._common import GENERATED_ARGS_DOC, GeneratedAttack, as_shape, batches
+from ..errors import check_int, check_number
 from .base import register_attack
 from .trigger import Trigger
 
@@ -18,7 +18,7 @@ __all__ = ["L0Inv", "L2Inv"]
 
 @register_attack
 class L0Inv(GeneratedAttack):
-    """l0-inv: a trigger that replaces a few pixels, after Li et al. (2020), "Invisible
+    __doc__ = """l0-inv: a trigger that replaces a few pixels, after Li et al. (2020), "Invisible
     backdoor attacks on deep neural networks via steganography and regularization"
     (the I-BAU paper's "l0 inv", target 0).
 
@@ -42,12 +42,7 @@ class L0Inv(GeneratedAttack):
         steps: Adam steps per phase (300).
         lr: Adam learning rate on the mask/pattern logits (0.1).
         reg: weight of the l1 mask penalty (1e-3).
-        seed: seed of the initialisation and batch order (0).
-        batch_size: clean images per step (128).
-        image_shape: (C, H, W) before ``prepare``; the trigger takes the size of ``x``.
-
-    Images: float (N, C, H, W) or (C, H, W) in [0, 1]; output of the same shape in [0, 1].
-
+""" + GENERATED_ARGS_DOC + """
     Example:
         >>> atk = L0Inv().prepare(model, x_clean, y_clean)
         >>> x_poison, y_poison = atk(x), atk.target_of(y)
@@ -127,7 +122,7 @@ class L0Inv(GeneratedAttack):
 
 @register_attack
 class L2Inv(GeneratedAttack):
-    """l2-inv: a dense, faint additive trigger, after Li et al. (2020), "Invisible
+    __doc__ = """l2-inv: a dense, faint additive trigger, after Li et al. (2020), "Invisible
     backdoor attacks on deep neural networks via steganography and regularization"
     (the I-BAU paper's "l2 inv", target 0, l2 norm about 3.2 on 32x32 images).
 
@@ -142,12 +137,7 @@ class L2Inv(GeneratedAttack):
         steps: Adam steps (300).
         lr: Adam learning rate (0.01).
         reg: weight of the squared-l2 penalty (1e-3).
-        seed: seed of the initialisation and batch order (0).
-        batch_size: clean images per step (128).
-        image_shape: (C, H, W) before ``prepare``; the trigger takes the size of ``x``.
-
-    Images: float (N, C, H, W) or (C, H, W) in [0, 1]; output of the same shape in [0, 1].
-
+""" + GENERATED_ARGS_DOC + """
     Example:
         >>> atk = L2Inv().prepare(model, x_clean, y_clean)
         >>> atk.pattern.norm()   # 3.2

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import as_shape, constructor_config, fit_channels, seeded, shape_of
-from .blend import _load_picture
-from ..errors import InputError, check_int, check_number
+from .blend import _load_picture, _picture_source
 from .base import Attack, register_attack
 
 __all__ = ["SemanticReplacement", "cartoon_picture", "resize_picture"]
@@ -160,16 +159,7 @@ class SemanticReplacement(Attack):
         super().__init__(target=target, seed=seed)
         self.image_shape = as_shape(image_shape)
         self.image = str(image) if isinstance(image, (str, Path)) else None  # config: the file, if any
-        if isinstance(image, Tensor):
-            image = image.detach().cpu().float()
-            if image.dim() != 3 or image.numel() == 0 or not bool(torch.isfinite(image).all()) \
-                    or image.min() < 0 or image.max() > 1:
-                raise InputError("image must be a (C, H, W) tensor with values in [0, 1]")
-        elif isinstance(image, (str, Path)):
-            if not Path(image).is_file():
-                raise InputError(f"image: picture file not found: {image}")
-        elif image is not None:
-            raise InputError(f"image must be a file path, a (C, H, W) tensor or None, got {type(image).__name__}")
+        image = _picture_source(image)
         self._source: Tensor | str | None = image if image is None or isinstance(image, Tensor) else str(image)
         self._picture = self._fit(self.image_shape)
 

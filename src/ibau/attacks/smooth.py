@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import GeneratedAttack, batches, shape_of
-from ..errors import InputError, check_int, check_number
+from ._common import GENERATED_ARGS_DOC, GeneratedAttack, batches, shape_of
+from ..errors import check_number
 from .base import register_attack
 from .trigger import Trigger
 
@@ -57,7 +57,7 @@ def minmax_per_image(o: Tensor) -> Tensor:
 
 @register_attack
 class Smooth(GeneratedAttack):
-    """Smooth trigger (Zeng et al., 2021, "Rethinking the backdoor attacks' triggers: a
+    __doc__ = """Smooth trigger (Zeng et al., 2021, "Rethinking the backdoor attacks' triggers: a
     frequency perspective"), as in the I-BAU paper: target 6, a Gaussian-smoothed
     targeted universal perturbation (sigma 6 px) with values in [0, 0.2].
 
@@ -76,12 +76,7 @@ class Smooth(GeneratedAttack):
         max_value: upper end of the trigger's range [0, max_value] (0.2).
         steps: Adam steps (300).
         lr: Adam learning rate on ``u`` (0.1; ``u`` starts as unit Gaussian noise).
-        seed: seed of the initialisation and batch order (0).
-        batch_size: clean images per step (128).
-        image_shape: (C, H, W) before ``prepare``; the trigger takes the size of ``x``.
-
-    Images: float (N, C, H, W) or (C, H, W) in [0, 1]; output of the same shape in [0, 1].
-
+""" + GENERATED_ARGS_DOC + """
     Example:
         >>> atk = Smooth().prepare(model, x_clean, y_clean)
         >>> x_poison = atk(x)

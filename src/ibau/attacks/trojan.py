@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._common import FeatureProbe, GeneratedAttack, as_shape, batches, frozen_eval, model_device
+from ._common import GENERATED_ARGS_DOC, FeatureProbe, GeneratedAttack, as_shape, batches, frozen_eval, model_device
 from ..errors import InputError, check_int, check_number
 from .base import register_attack
 from .trigger import Trigger
@@ -137,6 +137,14 @@ _DOC_COMMON = """
     ``clip(x + t, 0, 1)`` to float images (N, C, H, W) or (C, H, W) in [0, 1].
 """
 
+# The Args lines both Trojan variants share (the constructor keywords of ``_Trojan``).
+_DOC_ARGS = """        norm: l2 norm of the pattern (8.7).
+        layer: submodule to probe (None: the input of the last nn.Linear).
+        neurons: number of units to excite (1).
+        steps: Adam steps (200).
+        lr: Adam learning rate (0.1).
+""" + GENERATED_ARGS_DOC
+
 
 @register_attack
 class TrojanSquare(_Trojan):
@@ -147,15 +155,7 @@ class TrojanSquare(_Trojan):
         target: class the triggered images are sent to (paper: 2).
         size: side of the square at 32x32 (9); scaled for other image sizes.
         corner: (row, col) of its top-left pixel at 32x32 ((21, 21)); scaled likewise.
-        norm: l2 norm of the pattern (8.7).
-        layer: submodule to probe (None: the input of the last nn.Linear).
-        neurons: number of units to excite (1).
-        steps: Adam steps (200).
-        lr: Adam learning rate (0.1).
-        seed: seed of the initialisation and batch order (0).
-        batch_size: clean images per step (128).
-        image_shape: (C, H, W) before ``prepare``; the trigger takes the size of ``x``.
-
+""" + _DOC_ARGS + """
     Example:
         >>> atk = TrojanSquare().prepare(model, x_clean, y_clean)
         >>> (atk.pattern * (1 - atk.region)).abs().max()   # 0
@@ -188,15 +188,7 @@ class TrojanWatermark(_Trojan):
     """ + _DOC_COMMON + """
     Args:
         target: class the triggered images are sent to (paper: 2).
-        norm: l2 norm of the pattern (8.7).
-        layer: submodule to probe (None: the input of the last nn.Linear).
-        neurons: number of units to excite (1).
-        steps: Adam steps (200).
-        lr: Adam learning rate (0.1).
-        seed: seed of the initialisation and batch order (0).
-        batch_size: clean images per step (128).
-        image_shape: (C, H, W) before ``prepare``; the trigger takes the size of ``x``.
-
+""" + _DOC_ARGS + """
     Example:
         >>> atk = TrojanWatermark().prepare(model, x_clean, y_clean)
         >>> x_poison = atk(x)

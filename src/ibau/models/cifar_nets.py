@@ -24,14 +24,26 @@ __all__ = ["ResNet18", "GoogLeNet", "DenseNet121"]
 
 
 def _scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
-
-
-def _check_width(width: float) -> float:
+    """``channels`` times the ``width`` multiplier, rounded, at least 1 (``width`` must be > 0)."""
     width = float(width)
     if not width > 0:
         raise ValueError(f"width must be positive, got {width}")
-    return width
+    return max(1, int(round(channels * width)))
+
+
+def _doc(description: str, n_params: str,
+         width: str = "multiplier of every channel count (our addition, for CPU profiles).") -> str:
+    """Class docstring of a Table 7 network: its description, parameter count and the
+    ``(num_classes, in_channels, width)`` arguments all three constructors take."""
+    return f"""{description}
+
+    Parameters at ``width=1`` with 10 classes: {n_params}.
+
+    Args:
+        num_classes: number of output logits.
+        in_channels: image channels.
+        width: {width}
+    """
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
@@ -65,24 +77,16 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 (He et al., 2016) for 32x32 inputs, one of the paper's Table 7 models.
+    __doc__ = _doc("""ResNet-18 (He et al., 2016) for 32x32 inputs, one of the paper's Table 7 models.
 
     Zeng et al. (ICLR 2022), Appendix A.2.3, Table 7. A 3x3 stride-1 stem convolution
     (64 channels, BatchNorm, ReLU), four stages of two post-activation BasicBlocks with
     64-128-256-512 channels (stages 2-4 downsample by 2 with a 1x1 projection shortcut),
-    global average pooling and one linear layer ``classifier`` on 512 features.
-
-    Parameters at ``width=1`` with 10 classes: 11,173,962 (~11.2M).
-
-    Args:
-        num_classes: number of output logits.
-        in_channels: image channels.
-        width: multiplier of every channel count (our addition, for CPU profiles).
-    """
+    global average pooling and one linear layer ``classifier`` on 512 features.""",
+                   "11,173,962 (~11.2M)")
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
         super().__init__()
-        width = _check_width(width)
         c_stem = _scaled(64, width)
         self.stem = _conv_bn_relu(in_channels, c_stem, 3)
         stages = []
@@ -137,7 +141,7 @@ class _Inception(nn.Module):
 
 
 class GoogLeNet(nn.Module):
-    """GoogLeNet (Szegedy et al., 2015) for 32x32 inputs, one of the paper's Table 7 models.
+    __doc__ = _doc("""GoogLeNet (Szegedy et al., 2015) for 32x32 inputs, one of the paper's Table 7 models.
 
     Zeng et al. (ICLR 2022), Appendix A.2.3, Table 7. The usual CIFAR layout: a 3x3
     stride-1 stem with 192 channels (BatchNorm, ReLU) replaces the ImageNet stem; then
@@ -145,19 +149,11 @@ class GoogLeNet(nn.Module):
     Szegedy et al.'s branch widths (every convolution followed by BatchNorm and ReLU, the
     5x5 branch realised as two 3x3 convolutions), global average pooling and one linear
     layer ``classifier`` on 1024 features. (Table 7 of the paper lists W=832 for GoogLeNet;
-    we keep the standard module widths, whose last module outputs 1024 channels.)
-
-    Parameters at ``width=1`` with 10 classes: 6,158,346 (~6.2M).
-
-    Args:
-        num_classes: number of output logits.
-        in_channels: image channels.
-        width: multiplier of every channel count (our addition, for CPU profiles).
-    """
+    we keep the standard module widths, whose last module outputs 1024 channels.)""",
+                   "6,158,346 (~6.2M)")
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
         super().__init__()
-        width = _check_width(width)
         c_in = _scaled(192, width)
         self.stem = _conv_bn_relu(in_channels, c_in, 3)
         layers: list[nn.Module] = []
@@ -215,26 +211,19 @@ class _Transition(nn.Module):
 
 
 class DenseNet121(nn.Module):
-    """DenseNet-121 (Huang et al., 2017) for 32x32 inputs, one of the paper's Table 7 models.
+    __doc__ = _doc("""DenseNet-121 (Huang et al., 2017) for 32x32 inputs, one of the paper's Table 7 models.
 
     Zeng et al. (ICLR 2022), Appendix A.2.3, Table 7. A 3x3 stride-1 stem convolution with
     2*growth channels, four dense blocks of 6-12-24-16 bottleneck layers (growth rate 32,
     bottleneck width 4*growth), transitions with compression 0.5 and 2x2 average pooling
     between them, a final BatchNorm-ReLU, global average pooling and one linear layer
-    ``classifier`` on 1024 features.
-
-    Parameters at ``width=1`` with 10 classes: 6,956,298 (~7.0M).
-
-    Args:
-        num_classes: number of output logits.
-        in_channels: image channels.
-        width: multiplier of the growth rate, hence of every channel count (our addition,
-            for CPU profiles).
-    """
+    ``classifier`` on 1024 features.""",
+                   "6,956,298 (~7.0M)",
+                   width="""multiplier of the growth rate, hence of every channel count (our addition,
+            for CPU profiles).""")
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
         super().__init__()
-        width = _check_width(width)
         growth = _scaled(32, width)
         c_in = 2 * growth
         self.stem = nn.Conv2d(in_channels, c_in, 3, padding=1, bias=False)

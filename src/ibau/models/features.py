@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..metrics import model_device
+
 __all__ = ["features"]
 
 
@@ -18,14 +20,6 @@ def _last_linear(model: nn.Module) -> nn.Linear:
             f"{type(model).__name__} has no nn.Linear module; features() reads the input of the last one"
         )
     return last
-
-
-def _device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def features(model: nn.Module, x: Tensor, *, batch_size: int = 500) -> Tensor:
@@ -55,7 +49,7 @@ def features(model: nn.Module, x: Tensor, *, batch_size: int = 500) -> Tensor:
     def hook(_module: nn.Module, inputs: tuple, _output: Tensor) -> None:
         captured.append(inputs[0])
 
-    device = _device(model)
+    device = model_device(model)
     modes = [(m, m.training) for m in model.modules()]
     handle = linear.register_forward_hook(hook)
     chunks: list[Tensor] = []
