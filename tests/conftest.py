@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ibau import testing
-
 SHARED_DATA = Path(os.environ.get("IBAU_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
@@ -48,19 +46,6 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "ibau-checkpoints").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
-
-
-# -- planted backdoors (ibau.testing), a fresh model per test ------------------------------
-@pytest.fixture
-def one_target() -> dict:
-    """The planted one-target digits backdoor (:func:`ibau.testing.digits_backdoor`)."""
-    return testing.digits_backdoor("one_target")
-
-
-@pytest.fixture
-def toy_model() -> torch.nn.Module:
-    """A backdoored TinyNet of the generated task (:func:`ibau.testing.poisoned_model`)."""
-    return testing.poisoned_model()
 
 
 # -- the experiment grid ------------------------------------------------------------------
