@@ -98,7 +98,7 @@ def test_unlearn_through_arch_auto_rounds_and_report_dir(setup, tmp_path, capsys
     data = np.load(root / "clean.npz")
     x3 = np.repeat(data["x"][..., None], 3, axis=-1)
     x32 = np.kron(x3, np.ones((1, 4, 4, 1), np.uint8))  # 8x8 -> 32x32 nearest neighbour
-    np.savez(tmp_path / "clean32.npz", x=x32, y=data["y"])
+    np.savez(tmp_path / "clean32.npz", x=x32[:200], y=data["y"][:200])  # 180 clean + 20 held out: 4 batches
     net = SmallVGG(10)  # untrained 32x32 RGB model: the command must still run and report
     torch.save(net.state_dict(), tmp_path / "w.pth")
     code = main(["unlearn", "--arch", "small_vgg", "--weights", str(tmp_path / "w.pth"),
