@@ -246,6 +246,10 @@ CASES = {
     "defend unknown setting": (D("--param", "nosuch=1"), "nosuch"),
     "defend negative epochs": (D("--param", "epochs=-1"), "epochs"),
     "defend holdout 0": (D("--holdout", "0"), "holdout"),
+    "defend seed among the settings": (D("--param", "seed=-1"), "seed"),
+    "defend progress among the settings": (D("--param", "progress=5"), "progress"),
+    "defend setting of the wrong type": (D("--param", "lr=[1, 2]"), "lr"),
+    "poison blend picture not an image": (P("--attack", "blend", "--attack-option", "image='W/plain.txt'"), "picture"),
     # bench
     "bench missing config": (["bench", "list", "W/nope.toml"], "nope.toml"),
     "bench negative workers": (["bench", "run", "W/nope.toml", "--workers", "-1"], "workers"),
@@ -253,7 +257,7 @@ CASES = {
 
 
 def _materialise(args: list[str], world: Path, out: Path) -> list[str]:
-    return [a.replace("W/", f"{world}/").replace("OUT/", f"{out}/") if isinstance(a, str) else a for a in args]
+    return [a.replace("W/", f"{world}/").replace("OUT/", f"{out}/") for a in args]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

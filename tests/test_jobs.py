@@ -98,7 +98,7 @@ def test_weights_are_written_before_the_report(task, tmp_path, capsys, monkeypat
         return real(obj, path, **kw)
 
     monkeypatch.setattr(ibau.io, "write_json", full_disk)
-    assert _unlearn(task, tmp_path, 0) == 1
+    assert _unlearn(task, tmp_path, 0) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ibau: error:") and "s.safetensors" in err[0]
     assert (tmp_path / "s.safetensors").exists() and not (tmp_path / "r.json").exists()

@@ -50,8 +50,12 @@ def _load_picture(path: str | Path, channels: int) -> Tensor:
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # unreadable or hostile file
+        raise InputError(f"image: cannot read the picture {path} ({type(exc).__name__}): give a PNG or JPEG "
+                         "file") from None
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 

@@ -4,7 +4,8 @@ calling one job of :mod:`ibau.jobs` and printing.
 Commands register in :data:`COMMANDS` (``ibau.cli.options.Command``). Every bad input
 -- an option the parser or the library refuses, a file that cannot be read, an output
 that would replace an input -- ends with exactly one line ``ibau: error: ...`` on
-standard error and exit status 2, before any work. SIGINT and SIGTERM stop the run and
+standard error and exit status 2, before any work (a file that cannot be read or written
+during the run ends the same way, saying what was written). SIGINT and SIGTERM stop the run and
 say what was written (exit 130 / 143).
 """
 
@@ -72,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"ibau: error: {message}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the disk filled up or a file went away during the run
+    except OSError as exc:  # a file that cannot be read, or a disk that filled up during the run
         print(f"ibau: error: {' '.join(str(exc).split())}; {state['written']}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
         print(f"ibau: {what}; {state['written']}", file=sys.stderr)

@@ -39,7 +39,7 @@ def _is_main() -> bool:
 
 def parse_holdout(value: Any) -> float | int:
     """A fraction in (0, 1) or a whole count >= 1 (floats such as ``500.0`` count as counts)."""
-    check_number("holdout", value, low=0, low_open=True)
+    check_number("holdout", value, low=0, low_open=True, high=1e12)
     if value >= 1:
         if not float(value).is_integer():
             raise InputError(f"holdout must be a fraction in (0, 1) or a whole count, got {value!r}")
@@ -160,8 +160,12 @@ def defend_job(method: str, model: ModelSource, data: DataSource, *, out: Path, 
         raise InputError(f"the report must not end in .npz (its tensors go to REPORT.npz), got {report}")
     plan.check()
     holdout = parse_holdout(holdout)
-    check_int("seed", seed, low=0, high=2**63 - 1)
     settings = dict(settings or {})
+    seed = settings.pop("seed", seed)  # a seed or progress among the settings is the job's own
+    progress = settings.pop("progress", progress)
+    check_int("seed", seed, low=0, high=2**63 - 1)
+    if not isinstance(progress, bool):
+        raise InputError(f"progress must be True or False, got {progress!r}")
     defense = make_defense(method, settings, seed=seed, progress=progress)  # validates the settings
     if model.weights is None and defense.data_role != "training":
         raise InputError(f"weights are required for {method} (it repairs a trained model)")
