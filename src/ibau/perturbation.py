@@ -84,7 +84,8 @@ def choose_perturbed(n: int, fraction: float, generator: torch.Generator) -> Ten
 
 def universal_search(net: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], *, norm_bound: float | None,
                      clip: bool, step_size: float, steps_per_batch: int = 1, passes: int = 1, decay: bool = False,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, progress: bool = False,
+                     desc: str = "universal perturbation search") -> Tensor:
     """A universal adversarial perturbation by projected, normalised gradient ascent.
 
     From ``delta = 0``: for ``passes`` passes over ``batches`` (``(images, labels)`` on the
@@ -95,11 +96,15 @@ def universal_search(net: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], *
     linearly from ``step_size`` towards 0 over all steps. A batch whose gradient is zero
     or not finite ends that batch's steps (no ascent direction). This is the stochastic
     projected-gradient form of a UAP (Shafahi et al., AAAI 2020). ``net`` should be in
-    eval mode; it is not changed. Returns ``delta`` (1, C, H, W), detached.
+    eval mode; it is not changed. ``progress`` shows a bar over the batches.
+    Returns ``delta`` (1, C, H, W), detached.
     """
     x0 = batches[0][0]
     delta = torch.zeros((1, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
     total = passes * len(batches) * steps_per_batch
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=passes * len(batches), desc=desc, unit="batch", leave=False, disable=not progress)
     for p in range(passes):
         order = torch.randperm(len(batches), generator=generator).tolist() if generator is not None \
             else range(len(batches))
@@ -115,4 +120,6 @@ def universal_search(net: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], *
                 k = (p * len(batches) + pos) * steps_per_batch + s
                 size = step_size * (1 - k / total) if decay else step_size
                 delta = project_l2(delta + (size / gn) * g, norm_bound)
+            bar.update(1)
+    bar.close()
     return delta.detach()

@@ -40,7 +40,7 @@ class UniversalAttackResult:
 
 def find_universal_perturbation(model: nn.Module, x: Tensor, *, norm_bound: float | None = 10.0,
                                 passes: int = 5, batch_size: int = 100, step: float | None = None,
-                                seed: int = 0, clip_images: bool = False) -> Tensor:
+                                seed: int = 0, clip_images: bool = False, progress: bool = False) -> Tensor:
     """Projected gradient ascent on ``mean CE(f(x + delta), f(x).argmax())`` over ``||delta|| <= norm_bound``.
 
     Each step moves ``delta`` by ``step`` (default: a quarter of the bound, decaying
@@ -64,20 +64,20 @@ def find_universal_perturbation(model: nn.Module, x: Tensor, *, norm_bound: floa
     try:
         return universal_search(model, batches, norm_bound=norm_bound, clip=clip_images or norm_bound is None,
                                 step_size=base_step, passes=passes, decay=True,
-                                generator=torch.Generator().manual_seed(seed))
+                                generator=torch.Generator().manual_seed(seed), progress=progress)
     finally:
         model.train(was_training)
 
 
 def universal_attack(model: nn.Module, x_search: Tensor, x_eval: Tensor, y_eval: Tensor, *,
                      norm_bound: float | None = 10.0, passes: int = 5, batch_size: int = 100,
-                     seed: int = 0) -> tuple[UniversalAttackResult, Tensor]:
+                     seed: int = 0, progress: bool = False) -> tuple[UniversalAttackResult, Tensor]:
     """Search a universal perturbation on ``x_search``; measure it on ``(x_eval, y_eval)``.
 
     Returns the measurements and the perturbation (1, C, H, W).
     """
     delta = find_universal_perturbation(model, x_search, norm_bound=norm_bound, passes=passes,
-                                        batch_size=batch_size, seed=seed)
+                                        batch_size=batch_size, seed=seed, progress=progress)
     y_eval = torch.as_tensor(y_eval).long()
     clean = predict(model, x_eval, batch_size=batch_size)
     pert = predict(model, x_eval, batch_size=batch_size,

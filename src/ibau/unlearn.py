@@ -110,7 +110,8 @@ def unlearn(
 
     def robustness(m: nn.Module) -> tuple[dict, Tensor]:
         res, delta = universal_attack(m, search, x_hold, y_hold, norm_bound=bound,
-                                      passes=robustness_passes, batch_size=defense.batch_size, seed=seed)
+                                      passes=robustness_passes, batch_size=defense.batch_size, seed=seed,
+                                      progress=progress)
         return res.as_dict(), delta
 
     sample_x = x_hold[:samples]
