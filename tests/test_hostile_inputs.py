@@ -355,3 +355,27 @@ def test_sigterm_behaves_like_sigint(world, tmp_path):
     assert proc.returncode == 143, err[-2000:]
     assert "ibau: terminated; nothing was written" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_a_real_process_prints_exactly_one_line(world, tmp_path):
+    """Outside pytest's capture: no warning text, no traceback, one line on stderr, exit 2,
+    for a code-running pickle saved with pickle protocol 4 (torch warns about it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    evil = tmp_path / "evil4.pth"
+    with open(evil, "wb") as fh:
+        pickle.dump({"w": _Evil()}, fh, protocol=4)
+    shutil.copy(evil, world / "evil4.pth")
+    try:
+        for args, expected in ((U(weights="evil4.pth"), "refusing"), (U("--batch-size", "0"), "batch_size")):
+            proc = subprocess.run([sys.executable, "-m", "ibau", *_materialise(args, world, tmp_path / "o")],
+                                  capture_output=True, text=True, timeout=120)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("ibau: error: "), proc.stderr
+            assert expected in lines[0], lines
+    finally:
+        (world / "evil4.pth").unlink()
+        assert proc.stdout == ""
+    assert not Path("/tmp/ibau_pwned").exists()

@@ -17,6 +17,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         except Exception as exc:  # safetensors raises its own error types
             raise WeightsError(f"cannot read {path} as safetensors: {exc}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol is noise for a refusal
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         code = [g for g in _pickle_globals(path) if not g.startswith(_SAFE_GLOBAL_PREFIXES)]
         if code:

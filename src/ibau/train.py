@@ -4,6 +4,7 @@ per-epoch checkpoints and resume after an interruption."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def load_checkpoint(path: str | os.PathLike, config: TrainConfig) -> dict:
     path = Path(path)
     fix = f"delete {path} to start the training over"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"the checkpoint {path} cannot be read safely ({type(exc).__name__}); {fix}") from None
     if isinstance(state, dict) and isinstance(state.get("config"), dict) and state["config"] != config.as_dict():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 
 from . import bench, defend, demo, evaluate, poison, unlearn  # noqa: F401  (they register themselves)
 from .options import COMMANDS, CommandLineError, build_parser
@@ -52,6 +53,11 @@ def _launch(cmd, args) -> int:
         shutdown()
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+    """Library warnings as one line each (``ibau: warning: ...``), never a source excerpt."""
+    print(f"ibau: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..distributed import launched
     from ..errors import InputError
@@ -62,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread (e.g. called from a worker thread): leave signals alone
         pass
     state = {"written": "nothing was written"}
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
         cmd = COMMANDS[args.command]
@@ -81,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ibau: {what}; {state['written']}", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
     finally:
+        warnings.showwarning = shown
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
