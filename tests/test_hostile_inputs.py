@@ -66,6 +66,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     (root / "net.py").write_text(NET)
     (root / "plain.txt").write_text("a plain file")
+    (root / "deep.toml").write_text("a = " + "[" * 3000 + "]" * 3000)
+    (root / "malformed.toml").write_text('[experiment]\nname = 5\n[profiles.cpu]\nmodels = ["m"]\n')
     sd = _tiny_net().state_dict()
     save_file({k: v.contiguous() for k, v in sd.items()}, root / "w.safetensors")
     torch.save(sd, root / "w.pth")
@@ -253,6 +255,9 @@ CASES = {
     # bench
     "bench missing config": (["bench", "list", "W/nope.toml"], "nope.toml"),
     "bench negative workers": (["bench", "run", "W/nope.toml", "--workers", "-1"], "workers"),
+    "bench deeply nested TOML": (["bench", "list", "W/deep.toml"], "nested too deeply"),
+    "bench malformed experiment": (["bench", "list", "W/malformed.toml"], "malformed"),
+    "bench device meta": (["bench", "run", "W/malformed.toml", "--device", "meta"], "meta"),
 }
 
 

@@ -125,23 +125,44 @@ class Experiment:
             raise SpecError(f"{self.name}: no profile {name!r}; it has {', '.join(sorted(self.profiles))}") from None
 
 
+#: experiment files larger than this are refused (they are a few KiB)
+MAX_SPEC_BYTES = 1 << 20
+
+
+def read_toml(path: str | Path, what: str = "experiment file") -> dict[str, Any]:
+    """A TOML file as a dict; any problem (missing, too large, not UTF-8, malformed,
+    nested deeper than the parser can follow) is a :class:`SpecError`."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{what} {path} is larger than {MAX_SPEC_BYTES} bytes")
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except SpecError:
+        raise
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError, ValueError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise SpecError(f"cannot read {what} {path}: {detail}") from None
+
+
 def is_common_file(path: str | Path) -> bool:
     """A file of shared ``[models]`` / ``[settings]`` only (no ``[experiment]``): skipped
     when a glob such as ``configs/*.toml`` picks it up with the experiment files."""
     try:
-        raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError):
+        raw = read_toml(path)
+    except SpecError:
         return False
     return "experiment" not in raw and bool(set(raw) & {"models", "settings"}) and not set(raw) - {"models", "settings"}
 
 
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
+    raw = read_toml(path)
     try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SpecError(f"cannot read experiment file {path}: {exc}") from None
-    return parse_experiment(raw, path)
+        return parse_experiment(raw, path)
+    except SpecError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a value of the wrong kind somewhere
+        raise SpecError(f"{path}: malformed experiment file ({type(exc).__name__}: {exc})") from None
 
 
 def parse_experiment(raw: dict[str, Any], path: Path | None = None) -> Experiment:
@@ -164,10 +185,7 @@ def parse_experiment(raw: dict[str, Any], path: Path | None = None) -> Experimen
     for shared in [common] if isinstance(common, str) else common:
         # [models.*] and per-profile default settings ([settings.PROFILE.DEFENSE]) shared by several files
         shared_path = (path.parent if path else Path(".")) / shared
-        try:
-            doc = tomllib.loads(shared_path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise SpecError(f"{where}: cannot read common file {shared_path}: {exc}") from None
+        doc = read_toml(shared_path, what=f"common file of {where}")
         models.update(doc.get("models", {}))
         for pname, per in doc.get("settings", {}).items():
             for d, kw in per.items():

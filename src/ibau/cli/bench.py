@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
             cells = [c for c in cells if c.params.get("defense") in set(args.defenses)]
     except (SpecError, KeyError) as exc:
         raise CommandLineError(str(exc).strip("'\"")) from None
+    except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong kind in a file
+        raise CommandLineError(f"malformed experiment file: {type(exc).__name__}: {exc}") from None
     if args.action == "list":
         for c in cells:
             print(f"{'done' if finished(args.results, c) else 'todo'}  {c.experiment}/{c.label}  {c.key}")
