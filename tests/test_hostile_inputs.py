@@ -217,6 +217,9 @@ CASES = {
     "out and report the same": (U(out="OUT/same.safetensors", report="OUT/same.safetensors"), "same place"),
     "out under a file": (U(out="W/plain.txt/o.safetensors"), "not a folder"),
     "out not safetensors": (U(out="OUT/o.pth"), ".safetensors"),
+    "report-dir a folder ibau did not write": (U("--force", "--report-dir", "W/manifests"), "did not write"),
+    "demo over a folder ibau did not write": (["demo", "--out-dir", "W/imgs", "--force", "--quiet"], "did not write"),
+    "demo over the working directory": (["demo", "--out-dir", ".", "--force", "--quiet"], "refusing"),
     "report a device": (U("--force", report="/dev/full"), "not a regular file"),
     # manifests for evaluate
     "manifest a JSON list": (E(manifest="list.attack.json"), "manifest"),

@@ -36,7 +36,7 @@ def digits_trigger():
 def run_demo(out_dir: str | os.PathLike = "ibau-demo", *, seed: int = 0, force: bool = False,
              progress: bool = True, epochs: int = 15, printer=print) -> dict[str, Any]:
     """Poison, measure, sanitise, measure; write models and reports into ``out_dir``."""
-    from .io import atomic_directory, save_weights, write_json
+    from .io import atomic_directory, check_replaceable_folder, save_weights, write_json
     from .jobs.inputs import seed_everything
     from .metrics import backdoor_metrics
     from .models import SmallVGG
@@ -45,8 +45,7 @@ def run_demo(out_dir: str | os.PathLike = "ibau-demo", *, seed: int = 0, force: 
     from .unlearn import unlearn
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:  # fail before the work, not after
-        raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
+    check_replaceable_folder(out_dir, force=force)  # fail before the work, not after
     x, y, tr, clean, te, g = split_digits(seed)
     trigger = digits_trigger()
     x_tr, y_tr = x[tr].clone(), y[tr].clone()

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .errors import InputError
 
 __all__ = ["WeightsError", "load_state_dict", "load_weights", "save_weights", "atomic_write", "atomic_directory",
-           "write_json"]
+           "check_replaceable_folder", "OUTPUT_MARKER", "write_json"]
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "net", "model", "weights")
 
@@ -192,21 +192,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, force
     return path
 
 
+#: written into every folder ibau builds; only such folders (or empty ones) are replaced with ``force``
+OUTPUT_MARKER = ".ibau-output"
+
+
+def check_replaceable_folder(path: str | os.PathLike, *, force: bool) -> None:
+    """Refuse to replace ``path`` unless it is absent, or ``force`` and it is an empty folder
+    or one that ibau wrote (it holds :data:`OUTPUT_MARKER`). A folder that holds the
+    working directory, the home folder or the file system root is never replaced."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not force:
+        raise FileExistsError(f"{path} exists; pass --force to replace it")
+    if not path.is_dir() or path.is_symlink():
+        raise InputError(f"{path} exists and is not a folder; give a folder path")
+    real = Path(os.path.realpath(path))
+    for keep in (Path.cwd(), Path.home(), Path(real.anchor)):
+        keep = Path(os.path.realpath(keep))
+        if real == keep or real in keep.parents:
+            raise InputError(f"{path} holds {keep}; refusing to replace it: give a new folder")
+    if any(path.iterdir()) and not (path / OUTPUT_MARKER).is_file():
+        raise InputError(f"{path} is a folder ibau did not write (no {OUTPUT_MARKER} in it); refusing to replace "
+                         "it even with --force: give a new or empty folder")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Build a folder in a temporary sibling and move it onto ``path`` at the end.
 
     Yields the temporary folder; on an exception it is removed and ``path`` is left as
-    it was. Refuses to replace an existing ``path`` unless ``force``.
+    it was. Refuses to replace an existing ``path`` unless ``force`` and
+    :func:`check_replaceable_folder` allows it (the folder marks itself as ibau's).
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to replace it")
+    check_replaceable_folder(path, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         _apply_umask(tmp, folder=True)
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by ibau; may be replaced by ibau with --force\n")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -91,8 +91,10 @@ class Outputs:
             if out.path.exists() or out.path.is_symlink():
                 if not self.force:
                     raise InputError(f"the {out.what} {out.path} exists; pass --force to replace it")
-                if out.folder and not out.path.is_dir():
-                    raise InputError(f"the {out.what} {out.path} exists and is not a folder")
+                if out.folder:
+                    from ..io import check_replaceable_folder
+
+                    check_replaceable_folder(out.path, force=True)
                 if not out.folder and out.path.is_dir():
                     raise InputError(f"the {out.what} {out.path} is a folder; give a file path")
                 if not out.folder and not out.path.is_file():
