@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import (CommandLineError, command, data_options, data_source, finish, log_of, model_options,
-                      model_source, parse_key_values, run_options)
+from .options import (CommandLineError, command, data_options, data_source, defaults_of, finish, log_of,
+                      model_options, model_source, parse_key_values, run_options)
 
 
 def _help() -> str:
@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="a setting of the method (repeatable), e.g. --param epochs=10")
     model_options(p, weights_required=False, model_required=False)
-    data_options(p, split=None, required=False)
+    from ..jobs.commands import defend_job
+
+    data_options(p, split=None, required=False, holdout=defaults_of(defend_job)["holdout"])
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, help="repaired weights (.safetensors)")
     o.add_argument("--report", type=Path, help="JSON report (tensors such as reversed triggers go to REPORT.npz)")

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import INT, command
+from .options import INT, command, defaults_of
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=INT, default=0, help="seed of the split, poisoning, training and I-BAU (default: 0)")
-    p.add_argument("--out-dir", type=Path, default=Path("ibau-demo"),
-                   help="where the report and models go (default: ./ibau-demo)")
+    from ..demo import run_demo
+
+    defaults = defaults_of(run_demo)
+    p.add_argument("--seed", type=INT, default=defaults["seed"],
+                   help=f"seed of the split, poisoning, training and I-BAU (default: {defaults['seed']})")
+    p.add_argument("--out-dir", type=Path, default=Path(defaults["out_dir"]),
+                   help=f"where the report and models go (default: ./{defaults['out_dir']})")
     p.add_argument("--force", action="store_true", help="replace an existing --out-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

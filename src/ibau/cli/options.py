@@ -14,7 +14,7 @@ from typing import Any
 from ..registry import Registry
 
 __all__ = ["COMMANDS", "Command", "command", "CommandLineError", "build_parser", "model_options", "data_options",
-           "run_options", "ibau_options", "ibau_settings", "model_source", "data_source", "parse_key_values",
+           "run_options", "defaults_of", "ibau_options", "ibau_settings", "model_source", "data_source", "parse_key_values",
            "finish", "log_of", "IBAU_OPTIONS"]
 
 
@@ -101,16 +101,23 @@ def model_options(p, *, weights_required: bool = True, model_required: bool = Tr
                    help="the model expects (x - mean) / std; perturbations and triggers stay in [0, 1] pixel space")
 
 
-def data_options(p, *, split: str | None = "test", holdout: bool = True, required: bool = True) -> None:
+def defaults_of(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword defaults of a library function or job (:func:`ibau.jobs.commands.defaults_of`)."""
+    from ..jobs.commands import defaults_of as read
+
+    return read(fn)
+
+
+def data_options(p, *, split: str | None = "test", holdout: float | None = 0.1, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required,
                    help="a .npz (x, y), a folder of class sub-folders, or a dataset name (cifar10, gtsrb) with --data-dir")
     g.add_argument("--data-dir", type=Path, help="where the files of a named dataset are")
     g.add_argument("--split", default=split, choices=("train", "test"),
                    help=f"split of a named dataset (default: {split or 'the method`s'})")
-    if holdout:
-        g.add_argument("--holdout", type=FLOAT, default=0.1,
-                       help="fraction (or count, if >= 1) held out to measure accuracy (default: 0.1)")
+    if holdout is not None:
+        g.add_argument("--holdout", type=FLOAT, default=holdout,
+                       help=f"fraction (or count, if >= 1) held out to measure accuracy (default: {holdout})")
 
 
 def run_options(p, *, seed_help: str = "seed of every random draw (default: 0)") -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import FLOAT, INT, command, data_source, finish, log_of, model_options, model_source, \
+from .options import FLOAT, INT, command, data_source, defaults_of, finish, log_of, model_options, model_source, \
     parse_key_values, run_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..jobs.commands import poison_job
     from ..train import TrainConfig
 
     defaults = TrainConfig()
+    job = defaults_of(poison_job)
     model_options(p, weights_required=False)
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, help="training data: .npz, image folder, or cifar10 / gtsrb")
@@ -24,11 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--attack", required=True, help="an attack of the registry (ibau.attacks.ATTACKS)")
     a.add_argument("--target", type=INT, help="target class (default: the attack's paper setting)")
     a.add_argument("--attack-option", action="append", metavar="KEY=VALUE", help="other attack settings")
-    a.add_argument("--ratio", type=FLOAT, default=0.2, help="poisoned share of the training set (default: 0.2)")
+    a.add_argument("--ratio", type=FLOAT, default=job["ratio"],
+                   help=f"poisoned share of the training set (default: {job['ratio']})")
     a.add_argument("--trigger-weights", type=Path,
                    help="for triggers generated against a model: that model's weights (default: train a clean "
                         "model with the same recipe for --trigger-epochs)")
-    a.add_argument("--trigger-epochs", type=INT, default=10, help="(default: 10)")
+    a.add_argument("--trigger-epochs", type=INT, default=job["trigger_epochs"],
+                   help=f"(default: {job['trigger_epochs']})")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=INT, default=defaults.epochs, help=f"(default: {defaults.epochs})")
     t.add_argument("--batch-size", type=INT, default=defaults.batch_size, help=f"(default: {defaults.batch_size})")

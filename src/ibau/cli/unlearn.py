@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import (FLOAT, INT, _optional_float, command, data_options, data_source, finish, ibau_options,
-                      ibau_settings, log_of, model_options, model_source, run_options)
+from .options import (FLOAT, INT, _optional_float, command, data_options, data_source, defaults_of, finish,
+                      ibau_options, ibau_settings, log_of, model_options, model_source, run_options)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..unlearn import unlearn
+    from ..jobs.commands import unlearn_job
 
-    defaults = {k: v.default for k, v in __import__("inspect").signature(unlearn).parameters.items()}
+    defaults = defaults_of(unlearn_job)
     model_options(p)
-    data_options(p)
+    data_options(p, holdout=defaults["holdout"])
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, required=True, help="sanitised weights (.safetensors)")
     o.add_argument("--report", type=Path, required=True, help="JSON report")

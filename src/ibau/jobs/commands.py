@@ -18,7 +18,7 @@ from ..errors import InputError, check_int, check_number
 from .inputs import DataSource, ModelSource, load_inputs, resolve_device, seed_everything
 from .outputs import Outputs
 
-__all__ = ["unlearn_job", "defend_job", "poison_job", "evaluate_job", "Written", "parse_holdout", "parse_rounds",
+__all__ = ["defaults_of", "unlearn_job", "defend_job", "poison_job", "evaluate_job", "Written", "parse_holdout", "parse_rounds",
            "ibau_settings_check"]
 
 
@@ -87,9 +87,26 @@ def _plan(force: bool, model: ModelSource | None, data: DataSource | None, extra
 
 
 # ----------------------------------------------------------------------------- unlearn
+def defaults_of(fn) -> dict[str, Any]:
+    """The keyword defaults of a library function or job: the one place they are written."""
+    import inspect
+
+    return {k: v.default for k, v in inspect.signature(fn).parameters.items() if v.default is not v.empty}
+
+
+def _unlearn_defaults() -> dict[str, Any]:
+    from ..unlearn import unlearn
+
+    return defaults_of(unlearn)
+
+
+_U = _unlearn_defaults()  # the library's defaults, written once in ibau.unlearn.unlearn
+
+
 def unlearn_job(model: ModelSource, data: DataSource, *, out: Path, report: Path, report_dir: Path | None = None,
-                force: bool = False, holdout: Any = 0.1, rounds: Any = "auto", max_rounds: int = 10,
-                threshold: float = 0.2, robustness_bound: float | None = None, seed: int = 0, device: Any = "auto",
+                force: bool = False, holdout: Any = _U["holdout"], rounds: Any = _U["rounds"],
+                max_rounds: int = _U["max_rounds"], threshold: float = _U["threshold"],
+                robustness_bound: float | None = _U["robustness_bound"], seed: int = _U["seed"], device: Any = "auto",
                 progress: bool = True, ibau_settings: dict[str, Any] | None = None,
                 log: list[Path] | None = None) -> Written:
     """``ibau unlearn``: sanitise ``model`` with I-BAU on ``data``; write weights and reports."""
