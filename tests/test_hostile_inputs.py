@@ -75,6 +75,7 @@ def world(tmp_path_factory):
     x = g.integers(0, 256, (150, 8, 8), dtype=np.uint8)
     y = np.arange(150) % 10
     np.savez(root / "clean.npz", x=x, y=y)
+    Image.fromarray(x[0]).save(root / "pic.safetensors", format="PNG")  # a picture with an output's name
     imgs = root / "imgs"
     for c in range(2):
         (imgs / str(c)).mkdir(parents=True)
@@ -233,6 +234,10 @@ CASES = {
     "manifest missing": (E(manifest="nope.attack.json"), "not found"),
     "evaluate json over the weights": (E("--json", "W/w.safetensors", "--force"), "input"),
     "evaluate json over the manifest": (E("--json", "W/manifests/ok.attack.json", "--force"), "input"),
+    "evaluate json over the trigger file": (E("--json", "W/manifests/ok.attack.trigger.safetensors", "--force"),
+                                            "input"),
+    "poison out over the attack's picture": (P("--force", "--attack", "blend", "--attack-option",
+                                               "image='W/pic.safetensors'", "--out", "W/pic.safetensors"), "input"),
     # poison
     "poison ratio 2": (P("--ratio", "2"), "ratio"),
     "poison ratio 0": (P("--ratio", "0"), "ratio"),

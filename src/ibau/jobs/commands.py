@@ -247,6 +247,9 @@ def poison_job(attack_name: str, model: ModelSource, data: DataSource, *, out: P
     from .inputs import build_model, output_dim
 
     plan = _plan(force, model, data, [(trigger_weights, "trigger weights")], log=log)
+    for key, value in (attack_options or {}).items():  # e.g. a picture file: never overwritten
+        if isinstance(value, str) and value and Path(value).exists():
+            plan.add_input(value, f"file of the attack setting {key}")
     if eval_data is not None:
         plan.add_inputs(eval_data.paths(), "evaluation data")
     out = plan.add(out, "output weights", suffix=".safetensors")
@@ -355,11 +358,13 @@ def evaluate_job(model: ModelSource, data: DataSource, *, manifest: Path, json_o
     from ..io import write_json
     from ..poisoning import evaluate_attack
 
+    _, described = load_manifest(manifest)  # its schema and trigger file, before anything else
     plan = _plan(force, model, data, [(manifest, "manifest")], log=log)
+    if described.get("trigger_file"):  # the trigger tensors are an input too
+        plan.add_input(Path(manifest).parent / described["trigger_file"], "trigger file")
     json_out = plan.add(json_out, "metrics file")
     plan.check()
     resolve_device(device)
-    load_manifest(manifest)  # its schema and trigger file, before the data is read
     inputs = load_inputs(model, data, device=device, seed=seed, min_size=1)
     attack, _ = load_manifest(manifest, num_classes=inputs.num_classes, image_shape=tuple(inputs.x.shape[1:]))
     net = inputs.model.eval()
