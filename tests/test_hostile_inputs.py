@@ -66,6 +66,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     (root / "net.py").write_text(NET)
     (root / "plain.txt").write_text("a plain file")
+    (root / "exp.toml").write_text('[experiment]\nname = "e"\n[profiles.cpu]\nmodels = []\n')
     (root / "deep.toml").write_text("a = " + "[" * 3000 + "]" * 3000)
     (root / "malformed.toml").write_text('[experiment]\nname = 5\n[profiles.cpu]\nmodels = ["m"]\n')
     sd = _tiny_net().state_dict()
@@ -265,6 +266,7 @@ CASES = {
     "bench negative workers": (["bench", "run", "W/nope.toml", "--workers", "-1"], "workers"),
     "bench deeply nested TOML": (["bench", "list", "W/deep.toml"], "nested too deeply"),
     "bench malformed experiment": (["bench", "list", "W/malformed.toml"], "malformed"),
+    "bench report over its experiment file": (["bench", "report", "W/exp.toml", "--out", "W/exp.toml"], "input"),
     "bench device meta": (["bench", "run", "W/malformed.toml", "--device", "meta"], "meta"),
 }
 

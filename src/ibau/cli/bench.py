@@ -74,7 +74,13 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "report":
         from ..bench.report import write_report
 
+        from ..jobs import Outputs
+
         out = args.out or args.results / "REPRODUCTION.md"
+        plan = Outputs(force=True)  # a report is regenerated in place; the experiment files never are
+        plan.add_inputs(args.configs, "experiment file")
+        plan.add(out, "report")
+        plan.check()
         write_report(exps, args.results, out, profile=args.profile)
         print(f"wrote {out}")
         return 0
