@@ -396,11 +396,115 @@ def _error_gap_table(exp: Experiment, recs: list[dict[str, Any]], profile: str, 
     return lines
 
 
+def _rounds_of(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The history points after ``before`` (I-BAU: one per round, in order)."""
+    return [h for h in rec["result"]["history"] if h.get("point") != "before"]
+
+
+def _ablation_point(rec: dict[str, Any], r: int) -> tuple[float, float] | None:
+    """(ACC drop in points from the same cell's ``before``, ASR in %) after round ``r`` (1-based)."""
+    rounds = _rounds_of(rec)
+    if len(rounds) < r:
+        return None
+    return 100 * (rec["result"]["before"]["acc"] - rounds[r - 1]["acc"]), 100 * rounds[r - 1]["asr"]
+
+
+def _meets(point: tuple[float, float] | None, target: list[float] | None) -> bool:
+    """The issue's target ``[max ASR, max ACC drop]`` (fractions) met by ``point`` (points, %)."""
+    return point is not None and target is not None and point[1] <= 100 * target[0] and point[0] <= 100 * target[1]
+
+
+def _ablation_lines(meta: dict[str, Any], recs: list[dict[str, Any]], per_model: bool,
+                    rows: dict[str, str] | None = None) -> list[str]:
+    """Per variant and clean-set size: mean ± s.d. over the models of the ACC drop and ASR after
+    each round, and how many models meet the issue's targets; optionally a row per model."""
+    recs = [r for r in recs if r["params"]["defense"] != "none"]
+    variants = dict(meta.get("variants", {}))
+    targets = {int(k): v for k, v in meta.get("targets", {}).items()}
+    by: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in recs:
+        by[(r["params"].get("variant", "-"), int(r["params"]["protocol"]["clean_size"]))].append(r)
+    order = list(variants) + sorted({v for v, _ in by} - set(variants))
+    sizes = sorted({n for _, n in by}, reverse=True)
+    n_rounds = max((len(_rounds_of(r)) for r in recs), default=0)
+
+    def stat(values: list[float]) -> str:
+        m, sd = _mean_sd(values)
+        return "-" if math.isnan(m) else f"{m:.1f}" + (f" ± {sd:.1f}" if sd is not None else "")
+
+    tgt = "; ".join(f"{n:,} images: ASR ≤ {100 * t[0]:g}%, ACC drop ≤ {100 * t[1]:g} points"
+                    for n, t in sorted(targets.items(), reverse=True) if n in sizes)
+    lines = ["Variants: " + "; ".join(f"**{v}** {variants.get(v, '')}".rstrip() for v in order) + ".", "",
+             "ACC drop: points lost against the same model before I-BAU on the same evaluation images (negative: "
+             "gained); ASR: non-target triggered images classified as the target (%). Mean ± s.d. over the models; "
+             f"targets (issue 13): {tgt or '-'}; \"meet\": models meeting both after that round. Seconds: I-BAU's "
+             "own time per cell (evaluation excluded), mean.", "",
+             "| variant | clean images | models | " +
+             " | ".join(f"ACC drop r{i} | ASR r{i} | meet r{i}" for i in range(1, n_rounds + 1)) + " | seconds |",
+             "|---|---|---|" + "---|---|---|" * n_rounds + "---|"]
+    for v in order:
+        for n in sizes:
+            g = by.get((v, n), [])
+            if not g:
+                continue
+            cells = []
+            for i in range(1, n_rounds + 1):
+                pts = [p for p in (_ablation_point(r, i) for r in g) if p is not None]
+                met = sum(_meets(p, targets.get(n)) for p in pts)
+                cells += [stat([p[0] for p in pts]), stat([p[1] for p in pts]),
+                          f"{met}/{len(pts)}" if n in targets else "-"]
+            secs = stat([r["result"].get("seconds", math.nan) for r in g])
+            lines.append(f"| {v} | {n:,} | {len(g)} | " + " | ".join(cells) + f" | {secs} |")
+    if not per_model:
+        return lines
+    lines += ["", "Per model: ACC before / ASR before (%), then per variant the ACC drop (points) / ASR (%) after "
+              "round 1 → after the last round; ✓: the last round meets the target of its clean-set size.", "",
+              "| model | clean images | before | " + " | ".join(order) + " |", "|---|---|---|" + "---|" * len(order)]
+    models = list(dict.fromkeys(r["params"]["model"]["name"] for r in recs))
+    for m in models:
+        for n in sizes:
+            g = {r["params"].get("variant", "-"): r for r in recs
+                 if r["params"]["model"]["name"] == m and int(r["params"]["protocol"]["clean_size"]) == n}
+            if not g:
+                continue
+            b = next(iter(g.values()))["result"]["before"]
+            cells = []
+            for v in order:
+                r = g.get(v)
+                if r is None:
+                    cells.append("not run")
+                    continue
+                pts = [_ablation_point(r, i) for i in range(1, len(_rounds_of(r)) + 1)]
+                txt = " → ".join(f"{p[0]:.1f} / {p[1]:.1f}" for p in pts)
+                cells.append(txt + (" ✓" if pts and _meets(pts[-1], targets.get(n)) else ""))
+            lines.append(f"| {(rows or {}).get(m, m)} | {n:,} | {100 * b['acc']:.1f} / {100 * b['asr']:.1f} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def _ablation_table(exp: Experiment, recs: list[dict[str, Any]], profile: str, fig_dir: Path) -> list[str]:
+    """An I-BAU ablation (issue 13) over the models of one file: summary and a row per model."""
+    return _ablation_lines(exp.meta, recs, per_model=True, rows=exp.meta.get("rows"))
+
+
+def _ablation_summary(exp: Experiment, recs_by_exp: dict[str, list[dict]], profile: str, fig_dir: Path) -> list[str]:
+    """The same summary over the cells of the files named by the profile's ``derive_from``."""
+    recs = [r for src in exp.profile(profile).get("derive_from", []) for r in recs_by_exp.get(src, [])]
+    srcs = ", ".join(f"`{s}`" for s in exp.profile(profile).get("derive_from", []))
+    n_ib = sum(r["params"]["defense"] != "none" for r in recs)
+    return [f"Read from {n_ib} finished defense cells of {srcs} (their sections below count the cells still to run "
+            "and give a row per model).", ""] + _ablation_lines(exp.meta, recs, per_model=False)
+
+
+#: layouts that read other experiments' cells (the profile's ``derive_from``):
+#: renderer(experiment, records by experiment name, profile, figure folder) -> markdown lines
+DERIVED_LAYOUTS: dict[str, Callable[..., list[str]]] = {"time_table": _time_table, "ablation_summary": _ablation_summary}
+
 #: layout name -> renderer(experiment, records, profile, figure folder) -> markdown lines
 LAYOUTS: dict[str, Callable[..., list[str]]] = {
     "defense_table": _defense_table, "multi_table": _multi_table, "stability_figure": _stability_figure,
     "normbound_figure": _normbound_figure, "tsne_figure": _tsne_figure, "rounds_figure": _rounds_figure,
-    "error_gap_table": _error_gap_table,
+    "error_gap_table": _error_gap_table, "ablation_table": _ablation_table,
 }
 
 
@@ -627,8 +731,12 @@ def write_report(experiments: list[Experiment], results: str | Path, out: str | 
     all_recs = [r for rs in recs_by_exp.values() for r in rs]
     envs = sorted({(r["environment"].get("torch"), r.get("device"), r.get("git")) for r in all_recs}, key=str)
     total_s = sum(r.get("wall_seconds", 0) for r in all_recs)
-    lines = [f"# Reproduction of Zeng et al. (ICLR 2022), profile `{profile}`", "",
-             "Generated by `" + (command or f"ibau bench report benchmarks/configs/*.toml --profile {profile} "
+    # a report of experiments that test none of the paper's claims (e.g. the ablation) has no verdicts
+    claims = any(e.meta.get("evidence_for") or e.meta.get("verdict") for e in experiments)
+    configs = "benchmarks/configs/*.toml" if claims else " ".join(str(e.path or e.name) for e in experiments)
+    heading = "Reproduction of Zeng et al. (ICLR 2022)" if claims else "I-BAU experiments (not the paper's tables)"
+    lines = [f"# {heading}, profile `{profile}`", "",
+             "Generated by `" + (command or f"ibau bench report {configs} --profile {profile} "
                                  f"--results {results} --out {out}") + "` from the per-cell JSON files in "
              f"`{results}/` (one file per cell: settings, code version, seed, per-point metrics, seconds, peak "
              "memory). Do not edit by hand.", "",
@@ -642,18 +750,20 @@ def write_report(experiments: list[Experiment], results: str | Path, out: str | 
              "first point (I-BAU round, epoch...) with ASR < 20% where the experiment says `stop_asr`, else it runs "
              "its budget. Times exclude evaluation.",
              "- Each experiment below states its profile's sizes and deviations from the paper (`about`), verbatim "
-             "from its config file.", "", "Deviations from the paper that hold throughout:", ""]
-    lines += [f"- {d}" for d in DEVIATIONS]
-    lines += ["",
-             "## Verdicts on the paper's claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
-    for claim, verdict, evidence in verdicts(recs_by_exp, exps, profile):
-        lines.append(f"| {claim} | **{verdict}** | {evidence} |")
+             "from its config file."]
+    if claims:
+        lines += ["", "Deviations from the paper that hold throughout:", ""]
+        lines += [f"- {d}" for d in DEVIATIONS]
+        lines += ["",
+                 "## Verdicts on the paper's claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
+        for claim, verdict, evidence in verdicts(recs_by_exp, exps, profile):
+            lines.append(f"| {claim} | **{verdict}** | {evidence} |")
     for e in experiments:
         prof = e.profile(profile)
         lines += ["", f"## {e.title}", "", f"Config: `{e.path.name if e.path else e.name}`, profile `{profile}`. "
                   f"Claim: {e.meta.get('claim', '-')}", "", "> " + " ".join(prof.get("about", "").split()), ""]
-        if e.layout == "time_table":
-            lines += _time_table(e, recs_by_exp, profile, fig_dir)
+        if e.layout in DERIVED_LAYOUTS:
+            lines += DERIVED_LAYOUTS[e.layout](e, recs_by_exp, profile, fig_dir)
         else:
             recs = recs_by_exp[e.name]
             n = len(expand(e, profile))
