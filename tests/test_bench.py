@@ -246,3 +246,26 @@ def test_knn_agreement_true_class_vs_target_cluster():
     stuck = {**back, "triggered": centers[torch.zeros(4, dtype=torch.long)] + 0.1}  # all in the target's cluster
     assert knn_agreement(back) == {"triggered_true_class": 1.0, "clean_leave_one_out": 1.0, "k": 10}
     assert knn_agreement(stuck)["triggered_true_class"] == 0.0
+
+
+def test_ablation_table_counts_models_meeting_the_targets():
+    """The issue-13 ablation layout: ACC drop and ASR per round from each cell's history,
+    means over the models, and how many models meet the target of their clean-set size."""
+    from ibau.bench.report import _ablation_lines
+
+    def rec(model, variant, size, rounds, seconds=10.0):
+        hist = [{"point": "before", "acc": 0.8, "asr": 1.0}] + [{"point": f"round {i + 1}", "acc": a, "asr": s}
+                                                                 for i, (a, s) in enumerate(rounds)]
+        return {"params": {"defense": "ibau", "variant": variant, "protocol": {"clean_size": size},
+                           "model": {"name": model}},
+                "result": {"before": {"acc": 0.8, "asr": 1.0}, "history": hist, "seconds": seconds}}
+
+    recs = [rec("a", "V0", 2500, [(0.79, 0.5), (0.79, 0.05)]),   # drop 1 point, ASR 5%: meets
+            rec("b", "V0", 2500, [(0.70, 0.0), (0.70, 0.0)]),    # drop 10 points: misses
+            rec("a", "V1", 2500, [(0.80, 0.09), (0.80, 0.12)]),  # ASR 12% after round 2: misses
+            {"params": {"defense": "none"}, "result": {}}]
+    meta = {"variants": {"V0": "paper", "V1": "clip"}, "targets": {"2500": [0.10, 0.015]}}
+    text = "\n".join(_ablation_lines(meta, recs, per_model=True))
+    assert "| V0 | 2,500 | 2 | 5.5 ± 6.4 | 25.0 ± 35.4 | 0/2 | 5.5 ± 6.4 | 2.5 ± 3.5 | 1/2 |" in text
+    assert "| V1 | 2,500 | 1 | 0.0 | 9.0 | 1/1 | 0.0 | 12.0 | 0/1 |" in text
+    assert "1.0 / 50.0 → 1.0 / 5.0 ✓" in text and "10.0 / 0.0 → 10.0 / 0.0 |" in text
