@@ -101,11 +101,12 @@ def unlearn(
     defense = IBAU(rounds=max_rounds if rounds == "auto" else rounds, seed=seed, progress=progress,
                    norm_bound=norm_bound, **ibau_kwargs)
     clean_idx, hold_idx = split_holdout(len(x), holdout, seed)
-    x_clean, y_clean, x_hold, y_hold = x[clean_idx], y[clean_idx], x[hold_idx], y[hold_idx]
-    if len(x_clean) < defense.batch_size:
-        raise InputError(f"the clean set has {len(x_clean)} images after holding out {len(hold_idx)}, fewer than "
+    x_hold, y_hold = x[hold_idx], y[hold_idx]  # the clean set itself is sliced once, by run_measured
+    if len(clean_idx) < defense.batch_size:
+        raise InputError(f"the clean set has {len(clean_idx)} images after holding out {len(hold_idx)}, fewer than "
                          f"one batch ({defense.batch_size}): give more data, or a smaller batch_size / holdout")
-    search = x_clean[torch.randperm(len(x_clean), generator=torch.Generator().manual_seed(seed + 1))[:robustness_images]]
+    pick = torch.randperm(len(clean_idx), generator=torch.Generator().manual_seed(seed + 1))[:robustness_images]
+    search = x[clean_idx[pick]]
     bound = defense.norm_bound if robustness_bound is None else robustness_bound
 
     def robustness(m: nn.Module) -> tuple[dict, Tensor]:
@@ -167,9 +168,8 @@ def unlearn(
                 stop_reason += f"; kept the weights of round {best_round}, the most robust"
         outcome.update(history=history, stop_reason=stop_reason, kept_round=kept_round)
 
-    # the split inside run_measured is the same seeded split as above
-    run = run_measured(defense, model, x, y, holdout=holdout, seed=seed, extra=extra, stop_when=stop_when,
-                       before=before, after_fit=keep_best)
+    run = run_measured(defense, model, x, y, holdout=holdout, seed=seed, split=(clean_idx, hold_idx), extra=extra,
+                       stop_when=stop_when, before=before, after_fit=keep_best)
     net = defense.wrap(model)
     rob_before, udelta_before = measured["rob_before"], measured["udelta_before"]
     rob_after, udelta_after = robustness(net)

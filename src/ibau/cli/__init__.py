@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from . import bench, defend, demo, evaluate, poison, unlearn  # noqa: F401  (they register themselves)
 from .options import COMMANDS, CommandLineError, build_parser
@@ -61,19 +62,20 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     from ..distributed import launched
     from ..errors import InputError
+    from ..jobs.outputs import describe_written
 
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (e.g. called from a worker thread): leave signals alone
         pass
-    state = {"written": "nothing was written"}
+    written: list[Path] = []  # the jobs append each file they finish (see ibau.jobs.Outputs)
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
         cmd = COMMANDS[args.command]
-        args._state = state
+        args._written = written
         if launched():  # torchrun --nproc-per-node N -m ibau ...
             return _launch(cmd, args)
         return cmd.run(args)
@@ -82,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ibau: error: {message}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file that cannot be read, or a disk that filled up during the run
-        print(f"ibau: error: {' '.join(str(exc).split())}; {state['written']}", file=sys.stderr)
+        print(f"ibau: error: {' '.join(str(exc).split())}; {describe_written(written)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
-        print(f"ibau: {what}; {state['written']}", file=sys.stderr)
+        print(f"ibau: {what}; {describe_written(written)}", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
     finally:
         warnings.showwarning = shown

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..jobs.commands import defaults_of
 from ..registry import Registry
 
 __all__ = ["COMMANDS", "Command", "command", "CommandLineError", "build_parser", "model_options", "data_options",
@@ -81,7 +82,7 @@ def _number(kind: type) -> Callable[[str], Any]:
 INT, FLOAT = _number(int), _number(float)
 
 
-def _optional_float(text: str) -> float | None:
+def optional_float(text: str) -> float | None:
     if text.strip().lower() in ("none", "best-effort"):
         return None
     return FLOAT(text)
@@ -99,13 +100,6 @@ def model_options(p, *, weights_required: bool = True, model_required: bool = Tr
                    help=".safetensors, or a PyTorch state dict file (opened with weights_only=True only)")
     g.add_argument("--normalize", metavar="MEAN,MEAN,MEAN/STD,STD,STD",
                    help="the model expects (x - mean) / std; perturbations and triggers stay in [0, 1] pixel space")
-
-
-def defaults_of(fn: Callable[..., Any]) -> dict[str, Any]:
-    """The keyword defaults of a library function or job (:func:`ibau.jobs.commands.defaults_of`)."""
-    from ..jobs.commands import defaults_of as read
-
-    return read(fn)
 
 
 def data_options(p, *, split: str | None = "test", holdout: float | None = 0.1, required: bool = True) -> None:
@@ -144,7 +138,7 @@ def ibau_options(p) -> None:
     for name in IBAU_OPTIONS:
         default = params[name].default
         if name == "norm_bound":
-            kind, shown = _optional_float, "10 for 3x32x32 images, scaled to other sizes as 10*sqrt(C*H*W/3072)"
+            kind, shown = optional_float, "10 for 3x32x32 images, scaled to other sizes as 10*sqrt(C*H*W/3072)"
         else:
             kind = str if name in choices else (INT if isinstance(default, int) and not isinstance(default, bool) else FLOAT)
             shown = default
@@ -197,14 +191,6 @@ def finish(args: argparse.Namespace, written) -> int:
 
 
 def log_of(args: argparse.Namespace) -> list[Path]:
-    """The list the job appends written files to (shown if the run is interrupted)."""
-    log: list[Path] = []
-    state = getattr(args, "_state", None)
-    if state is not None:
-        class _Shown(list):
-            def append(self, p):
-                super().append(p)
-                state["written"] = "written so far: " + ", ".join(str(x) for x in self)
-
-        log = _Shown()
-    return log
+    """The list :func:`ibau.cli.main` keeps of the files a job has written (a fresh one when
+    called without it), shown if the run is interrupted or fails."""
+    return getattr(args, "_written", [])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import (FLOAT, INT, _optional_float, command, data_options, data_source, defaults_of, finish,
-                      ibau_options, ibau_settings, log_of, model_options, model_source, run_options)
+from .options import (FLOAT, INT, command, data_options, data_source, defaults_of, finish, ibau_options,
+                      ibau_settings, log_of, model_options, model_source, optional_float, run_options)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--threshold", type=FLOAT, default=defaults["threshold"],
                    help=f"--rounds auto stops below this universal-perturbation success rate "
                         f"(default: {defaults['threshold']})")
-    r.add_argument("--robustness-bound", type=_optional_float,
+    r.add_argument("--robustness-bound", type=optional_float,
                    help="l2 bound of the universal-perturbation search (default: the I-BAU bound)")
     run_options(p, seed_help="seed of the split, I-BAU and the robustness search (default: 0)")
     ibau_options(p)

@@ -57,13 +57,14 @@ def parse_rounds(value: Any) -> int | str:
     return check_int("rounds", rounds, low=0, high=10_000)
 
 
-def ibau_settings_check(settings: dict[str, Any], norm_bound_default: float | None = None) -> None:
-    """Build an :class:`~ibau.IBAU` from ``settings`` once, to refuse bad values up front."""
+def ibau_settings_check(settings: dict[str, Any]) -> None:
+    """Build an :class:`~ibau.IBAU` from ``settings`` once, to refuse bad values up front
+    (``norm_bound="auto"`` is resolved per image size later; any valid bound stands in)."""
     from ..defenses.ibau import IBAU
 
     kwargs = dict(settings)
-    if kwargs.get("norm_bound", "auto") == "auto":
-        kwargs["norm_bound"] = norm_bound_default if norm_bound_default is not None else 10.0
+    if kwargs.get("norm_bound") == "auto":
+        kwargs["norm_bound"] = 10.0
     try:
         IBAU(**kwargs)
     except InputError:
@@ -240,7 +241,8 @@ def poison_job(attack_name: str, model: ModelSource, data: DataSource, *, out: P
     trigger tensors) and the metrics next to each other. Same seed, same weights: every
     model is built after seeding and training draws from seeded generators."""
     from ..attacks import ATTACKS, create_attack
-    from ..attacks.manifest import trigger_path, save_manifest
+    from ..attacks.manifest import save_manifest, trigger_path
+    from ..data.poison import check_attack_targets, check_ratio
     from ..io import load_weights, save_weights, write_json
     from ..poisoning import default_checkpoint, poison_and_train, subset
     from ..train import TrainConfig, train
@@ -256,12 +258,10 @@ def poison_job(attack_name: str, model: ModelSource, data: DataSource, *, out: P
     manifest_path = plan.add(out.with_name(out.stem + ".attack.json"), "manifest")
     plan.add(trigger_path(manifest_path), "trigger file")
     metrics_path = plan.add(out.with_name(out.stem + ".metrics.json"), "metrics file")
-    checkpoint = default_checkpoint(out)
+    # rewritten every epoch; one left by an interrupted run is resumed from
+    checkpoint = plan.add(default_checkpoint(out), "training checkpoint", may_exist=True)
     plan.check()
-    for inp, what in plan.inputs:  # the checkpoint is rewritten every epoch: never over an input
-        if Path(inp).resolve() == checkpoint.resolve():
-            raise InputError(f"the training checkpoint {checkpoint} would replace the {what}; choose another --out")
-    check_number("ratio", ratio, low=0, low_open=True, high=1)
+    check_ratio(ratio)
     check_int("subset", subset_size, low=1, allow_none=True)
     check_int("trigger_epochs", trigger_epochs, low=0, high=100_000)
     check_int("seed", seed, low=0, high=2**63 - 1)
@@ -271,11 +271,9 @@ def poison_job(attack_name: str, model: ModelSource, data: DataSource, *, out: P
     options = dict(attack_options or {})
     if target is not None:
         options["target"] = check_int("target", target, low=0)
-    if attack_name not in ATTACKS:
-        raise InputError(f"unknown attack {attack_name!r}; known: {', '.join(sorted(ATTACKS))}")
     import inspect
 
-    if "seed" in inspect.signature(ATTACKS[attack_name].__init__).parameters:
+    if "seed" in inspect.signature(ATTACKS.get_or_raise(attack_name).__init__).parameters:
         options.setdefault("seed", seed)
     try:
         attack = create_attack(attack_name, **options)
@@ -285,17 +283,12 @@ def poison_job(attack_name: str, model: ModelSource, data: DataSource, *, out: P
         raise InputError(f"bad option for attack {attack_name!r}: {exc}") from None
     dev = resolve_device(device)
 
-    x, y = data.load()
-    if len(x) == 0:
-        raise InputError("the training data holds no images")
-    x, y = subset(x, y, subset_size, seed)
+    x, y = subset(*data.load(), subset_size, seed)
     evald = eval_data.load() if eval_data is not None else None
     inputs = load_inputs(model, (x, y), device=dev, seed=seed)  # built after seeding
     plan.check_space(4 * _state_bytes(inputs.model))  # weights, trigger, and the per-epoch checkpoint
     classes = inputs.num_classes
-    for t in _targets(attack):
-        if not 0 <= t < classes:
-            raise InputError(f"the attack's target class {t} is out of range for a model with {classes} classes")
+    check_attack_targets(attack, classes)  # before a reference model is trained for the trigger
     if evald is not None:
         from ..data import check_dataset
 
@@ -339,14 +332,6 @@ def poison_job(attack_name: str, model: ModelSource, data: DataSource, *, out: P
 
 def _state_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def _targets(attack) -> list[int]:
-    parts = getattr(attack, "attacks", None)
-    if parts is not None:
-        return [t for a in parts for t in _targets(a)]
-    t = getattr(attack, "target", None)
-    return [int(t)] if isinstance(t, int) and not isinstance(t, bool) else []
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-__all__ = ["Outputs", "OutputPath"]
+__all__ = ["Outputs", "OutputPath", "describe_written"]
 
 
 def _real(p: Path) -> Path:
@@ -41,6 +41,7 @@ class OutputPath:
     path: Path
     what: str
     folder: bool = False  # a folder the job creates (replaced as a whole with force)
+    may_exist: bool = False  # a file the job resumes from (a training checkpoint): its reader checks it
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Outputs:
     written: list[Path] = field(default_factory=list)
 
     def add(self, path: str | os.PathLike | None, what: str, *, folder: bool = False,
-            suffix: str | None = None) -> Path | None:
+            suffix: str | None = None, may_exist: bool = False) -> Path | None:
         if path is None:
             return None
         p = Path(path)
@@ -61,7 +62,7 @@ class Outputs:
             raise InputError(f"the {what} path is empty")
         if suffix is not None and p.suffix != suffix:
             raise InputError(f"the {what} must end in {suffix}, got {p}")
-        self.outputs.append(OutputPath(p, what, folder))
+        self.outputs.append(OutputPath(p, what, folder, may_exist))
         return p
 
     def add_input(self, path: str | os.PathLike | None, what: str) -> None:
@@ -88,18 +89,19 @@ class Outputs:
                     raise InputError(f"the {out.what} {out.path} and the {what} are at the same place: "
                                      "give them different paths")
             seen[real] = f"{out.what} {out.path}"
-            if out.path.exists() or out.path.is_symlink():
-                if not self.force:
-                    raise InputError(f"the {out.what} {out.path} exists; pass --force to replace it")
-                if out.folder:
-                    from ..io import check_replaceable_folder
+            if out.may_exist or not (out.path.exists() or out.path.is_symlink()):
+                pass
+            elif not self.force:
+                raise InputError(f"the {out.what} {out.path} exists; pass --force to replace it")
+            elif out.folder:
+                from ..io import check_replaceable_folder
 
-                    check_replaceable_folder(out.path, force=True)
-                if not out.folder and out.path.is_dir():
-                    raise InputError(f"the {out.what} {out.path} is a folder; give a file path")
-                if not out.folder and not out.path.is_file():
-                    raise InputError(f"the {out.what} {out.path} exists and is not a regular file (a device, "
-                                     "a pipe or a broken link); give a file path")
+                check_replaceable_folder(out.path, force=True)
+            elif out.path.is_dir():
+                raise InputError(f"the {out.what} {out.path} is a folder; give a file path")
+            elif not out.path.is_file():
+                raise InputError(f"the {out.what} {out.path} exists and is not a regular file (a device, "
+                                 "a pipe or a broken link); give a file path")
             self._check_writable(out)
 
     @staticmethod
@@ -138,7 +140,7 @@ class Outputs:
     def wrote(self, path: Path) -> None:
         self.written.append(Path(path))
 
-    def describe_written(self) -> str:
-        if not self.written:
-            return "nothing was written"
-        return "written so far: " + ", ".join(str(p) for p in self.written)
+
+def describe_written(paths: list[Path]) -> str:
+    """What an interrupted or failed job leaves on disk, for its last message."""
+    return "written so far: " + ", ".join(map(str, paths)) if paths else "nothing was written"

@@ -133,7 +133,6 @@ class Measured:
     """A defense run with held-out accuracy before and after."""
 
     result: Any  # DefenseResult
-    defense: Any
     acc_before: float
     acc_after: float
     keep_idx: Tensor
@@ -142,6 +141,7 @@ class Measured:
 
 
 def run_measured(defense, model: nn.Module, x: Tensor, y: Tensor, *, holdout: float | int, seed: int,
+                 split: tuple[Tensor, Tensor] | None = None,
                  extra: Callable[[nn.Module], dict[str, Any]] | None = None,
                  stop_when: Callable[[dict[str, Any]], bool | str] | None = None,
                  before: Callable[[nn.Module, Tensor, Tensor], None] | None = None,
@@ -151,10 +151,11 @@ def run_measured(defense, model: nn.Module, x: Tensor, y: Tensor, *, holdout: fl
     ``extra(model)`` adds numbers at every point (after the held-out accuracy);
     ``before(net, x_hold, y_hold)`` runs once before the defense (e.g. a scan);
     ``after_fit(result)`` may change the model before the final measurement (e.g. keep
-    an earlier round's weights).
+    an earlier round's weights). ``split``: the (kept, held-out) indices when the caller
+    has drawn them already (:func:`split_holdout` with the same ``holdout`` and ``seed``).
     """
     t_start = time.perf_counter()
-    keep_idx, hold_idx = split_holdout(len(x), holdout, seed)
+    keep_idx, hold_idx = split if split is not None else split_holdout(len(x), holdout, seed)
     x_use, y_use, x_hold, y_hold = x[keep_idx], y[keep_idx], x[hold_idx], y[hold_idx]
     wrap = getattr(defense, "wrap", lambda m: m)
     acc_before = holdout_accuracy(wrap(model), x_hold, y_hold)
@@ -171,7 +172,7 @@ def run_measured(defense, model: nn.Module, x: Tensor, y: Tensor, *, holdout: fl
     if after_fit is not None:
         after_fit(result)
     acc_after = holdout_accuracy(wrap(result.model), x_hold, y_hold)
-    return Measured(result=result, defense=defense, acc_before=acc_before, acc_after=acc_after, keep_idx=keep_idx,
+    return Measured(result=result, acc_before=acc_before, acc_after=acc_after, keep_idx=keep_idx,
                     hold_idx=hold_idx, seconds=time.perf_counter() - t_start)
 
 
