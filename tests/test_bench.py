@@ -178,6 +178,30 @@ def test_grid_runs_caches_models_and_resumes(tmp_path, tiny_grid, one_thread):
     assert [p.name for p in stale] == [next(p.name for p in stamps if "-ibau-" in p.name)]
 
 
+def test_grid_cells_are_bit_identical_for_a_seed(tmp_path, tiny_grid, one_thread):
+    """Same cell, same seed, two runs (the model from the cache both times): the same numbers,
+    for the paper's recipe (the grid's ``ibau``) and the default one."""
+    path = tiny_grid()
+    path.write_text(path.read_text().replace("norm_bound = 2.5 }", "norm_bound = 2.5 }\nzip_axes = true\n"
+                                             'axes = { "settings.ibau.recipe" = ["paper", "default"] }'))
+    cells = [c for c in expand(load_experiment(path), "cpu") if c.params["defense"] == "ibau"]
+    assert sorted(c.params["settings"]["recipe"] for c in cells) == ["default", "paper"]
+    cache = tmp_path / "cache"
+
+    def numbers(folder: str) -> dict:
+        run_grid(cells, results=tmp_path / folder, cache=cache, workers=0, threads=1, progress=False, printer=None)
+        out = {}
+        for r in load_results(tmp_path / folder, "tiny"):
+            res = r["result"]
+            out[r["params"]["settings"]["recipe"]] = (res["after"], [
+                {k: v for k, v in h.items() if not k.startswith("seconds") and k != "elapsed"} for h in res["history"]])
+        return out
+
+    first, second = numbers("a"), numbers("b")
+    assert first == second and set(first) == {"default", "paper"}
+    assert first["default"] != first["paper"]
+
+
 def test_failed_cell_is_recorded_and_retried(tmp_path, one_thread):
     path = spec(tmp_path, """
         [experiment]

@@ -21,8 +21,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert after["asr"] < 0.2  # and I-BAU removes it
     assert after["acc"] > 0.85
     assert 1 <= report["kept_round"] <= report["rounds"]
-    rates = [h["universal_success_rate"] for h in report["history"]]
-    assert rates[report["kept_round"] - 1] == min(rates)  # auto mode keeps the most robust round
+    # auto mode keeps the last round within the accuracy limit, and says so when it rolls back
     assert (report["kept_round"] < report["rounds"]) == ("kept the weights" in report["stop_reason"])
     for name in ("poisoned.safetensors", "sanitised.safetensors"):
         SmallVGG(10, in_channels=1, image_size=8).load_state_dict(load_file(out / name), strict=True)

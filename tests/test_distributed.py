@@ -47,8 +47,10 @@ def _ibau(solver: str) -> IBAU:
     # With CG the two runs' hypergradients differ by float rounding a little more than with
     # the fixed-point solver; Adam's first steps (~ lr * sign(g)) turn such differences on
     # near-zero gradient entries into lr-sized weight differences, so the CG case takes
-    # plain SGD, whose step is linear in the gradient.
-    opt = {"outer_optimizer": "sgd", "outer_lr": 0.05} if solver == "cg" else {}
+    # plain SGD, whose step is linear in the gradient; with the labels as targets, because the
+    # default recipe's soft targets leave SGD's first steps near zero (the model starts at
+    # their optimum) and the check that the weights moved would see nothing.
+    opt = {"outer_optimizer": "sgd", "outer_lr": 0.05, "outer_target": "labels"} if solver == "cg" else {}
     return IBAU(rounds=1, seed=3, batch_size=BATCH, perturb_fraction=0.05, hypergrad_solver=solver, norm_bound=2.0,
                 progress=False, **opt)
 

@@ -42,7 +42,7 @@ def test_hypergradient_equals_reference_computation(fold):
     y = torch.randint(0, 5, (40,), generator=g)
     batches = [(x[:20], y[:20]), (x[20:], y[20:])]
     params = list(net.parameters())
-    d = IBAU(batch_size=20, perturb_fraction=0.1, norm_bound=3.0, progress=False)
+    d = IBAU.paper(batch_size=20, perturb_fraction=0.1, norm_bound=3.0, progress=False)
     delta_ref = reference_inner_pass(net, batches, norm_bound=3.0)
     view = fold_batchnorm(net) if fold else net
     delta, _ = d.synthesize(view, batches)
@@ -65,13 +65,14 @@ def test_unlearns_a_planted_backdoor():
     model = toy.poisoned_model()
     before = evaluate(model)
     assert before["asr"] > 0.9
-    res = IBAU(rounds=3, batch_size=50, outer_lr=1e-2, progress=False).fit(model, x_clean, y_clean, evaluate=evaluate)
+    res = IBAU.paper(rounds=3, batch_size=50, outer_lr=1e-2, progress=False).fit(model, x_clean, y_clean,
+                                                                            evaluate=evaluate)
     after = res.history[-1]
     assert after["asr"] < 0.6 * before["asr"]
     assert after["acc"] > before["acc"] - 0.1
     # Contrast: the same steps with a negligible perturbation are plain fine-tuning and keep the backdoor.
     ft = toy.poisoned_model()
-    IBAU(rounds=3, batch_size=50, outer_lr=1e-2, norm_bound=1e-6, progress=False).fit(ft, x_clean, y_clean)
+    IBAU.paper(rounds=3, batch_size=50, outer_lr=1e-2, norm_bound=1e-6, progress=False).fit(ft, x_clean, y_clean)
     # (measured: 0.36 after I-BAU vs 0.49 after fine-tuning)
     assert evaluate(ft)["asr"] > after["asr"] + 0.1
 

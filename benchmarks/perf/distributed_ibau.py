@@ -73,7 +73,7 @@ def _job(rank: int, world: int, port: int, threads: int, args: dict, out: str) -
         if weights is not None:
             load_weights(model, weights)
         model.to(device).eval()
-        res = IBAU(rounds=1, seed=0, progress=False).fit(model, xc, yc)
+        res = IBAU.paper(rounds=1, seed=0, progress=False).fit(model, xc, yc)  # as in the committed results
         from ibau.distributed import current
 
         comm = current()

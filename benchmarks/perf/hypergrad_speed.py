@@ -51,7 +51,7 @@ def _measure(kind: str, root: Path, n_batches: int) -> dict:
     load_weights(model, root / WEIGHTS)
     model.eval()
     params = list(model.parameters())
-    d = IBAU(progress=False)
+    d = IBAU.paper(progress=False)  # the authors' computation is what this script compares against
     out: dict = {}
     if kind == "train":
         model.train()

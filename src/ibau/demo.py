@@ -4,8 +4,9 @@ scikit-learn's bundled handwritten digits (1,797 real 8x8 grayscale scans, no do
 are split into a training set, the defender's clean data and a test set. A BadNets-style
 2x2 white patch poisons 20% of the training set towards class 0; the paper's small VGG
 (at 8x8, one channel) learns both the task and the backdoor. I-BAU then sanitises it
-with 400 clean images through :func:`ibau.unlearn.unlearn` (``rounds="auto"``, the l2 bound
-scaled to the image size, batch 25 so that 300 clean images give 12 outer steps a round),
+with 400 clean images through :func:`ibau.unlearn.unlearn` (the default recipe and its two
+rounds, the l2 bound scaled to the image size, batch 25 so that 300 clean images give 12
+outer steps a round),
 and the test set measures clean accuracy and attack success rate before and after.
 """
 
@@ -64,7 +65,7 @@ def run_demo(out_dir: str | os.PathLike = "ibau-demo", *, seed: int = 0, force: 
     printer(f"poisoned model : clean accuracy {100 * before['acc']:.1f}%, attack success rate {100 * before['asr']:.1f}%")
     poisoned_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    result = unlearn(model, x[clean], y[clean], holdout=100, rounds="auto", batch_size=25, seed=seed,
+    result = unlearn(model, x[clean], y[clean], holdout=100, batch_size=25, seed=seed,
                      progress=progress)
     after = backdoor_metrics(model, x[te], y[te], trigger, TARGET)
     printer(f"after I-BAU    : clean accuracy {100 * after['acc']:.1f}%, attack success rate {100 * after['asr']:.1f}%")

@@ -6,10 +6,20 @@ robustness without knowing the trigger (:mod:`ibau.robustness`): the success rat
 the strongest universal perturbation within the norm bound, searched on the clean
 set and measured on the held-out images.
 
-With ``rounds="auto"`` it keeps running rounds until that success rate falls below
-``threshold`` (the paper's 20% effectiveness line), stops improving, or
-``max_rounds`` is reached; the report says which. When the last round made the model
-less robust than an earlier one, the weights of the most robust round are kept.
+I-BAU runs the default recipe (:data:`ibau.defenses.ibau.DEFAULT_SETTINGS`) unless
+``recipe="paper"`` asks for the paper's Algorithm 1 as the authors ran it, for the
+recipe's number of rounds (2 and 5) unless ``rounds`` says otherwise. (The trigger-free
+measure below does not yet tell a backdoored model from a cleaned one at the default
+bound, so a fixed, measured number of rounds is the default rather than ``"auto"``.)
+
+With ``rounds="auto"`` it runs up to ``max_rounds`` rounds (default: the recipe's) and
+stops early when that success rate falls below ``threshold`` (the paper's 20%
+effectiveness line), when it stops improving by ``min_improvement`` (off by default: at
+the default bound the measure does not tell a backdoored model from a cleaned one), or
+when a round costs more held-out accuracy than ``max_accuracy_drop``; the report gives
+the real reason. The kept round is the last one within the accuracy limit (in the
+ablation, a second round removed more of the backdoor than the first); when no round is
+within it, the last round is kept and the report's warnings say so.
 """
 
 from __future__ import annotations
@@ -20,9 +30,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .defenses.ibau import IBAU
-from .errors import InputError, check_int, check_number
-from .jobs.runner import REPORT_SCHEMA_VERSION, JobResult, base_report, run_measured, split_holdout
+from .defenses.ibau import IBAU, RECIPES
+from .errors import InputError, check_choice, check_int, check_number
+from .jobs.runner import (REPORT_SCHEMA_VERSION, JobResult, base_report, holdout_accuracy, run_measured,
+                          split_holdout)
 from .metrics import predict
 from .robustness import universal_attack
 
@@ -47,10 +58,12 @@ def unlearn(
     y: Tensor,
     *,
     holdout: float | int = 0.1,
-    rounds: int | Literal["auto"] = "auto",
-    max_rounds: int = 10,
+    rounds: int | Literal["auto"] | None = None,
+    max_rounds: int | None = None,
     threshold: float = 0.2,
-    min_improvement: float = 0.02,
+    max_accuracy_drop: float = 0.015,
+    recipe: str = "default",
+    min_improvement: float | None = None,
     robustness_passes: int = 5,
     robustness_images: int = 1000,
     seed: int = 0,
@@ -67,12 +80,17 @@ def unlearn(
             ``normalize=(mean, std)`` among ``ibau_kwargs``).
         x, y: the defender's clean data.
         holdout: fraction or count of ``x`` held out to measure accuracy and robustness.
-        rounds: a number of I-BAU rounds, or ``"auto"``.
-        max_rounds: the most rounds ``"auto"`` runs.
+        rounds: a number of I-BAU rounds, ``"auto"``, or ``None`` (default): the recipe's.
+        max_rounds: the most rounds ``"auto"`` runs (default: the recipe's ``rounds``, 2 for
+            the default recipe, 5 for the paper's).
+        max_accuracy_drop: ``"auto"`` stops after a round whose held-out accuracy is more
+            than this below the accuracy before (a fraction: 0.015 = 1.5 points), and never
+            keeps such a round when an earlier one is within the limit.
+        recipe: ``"default"`` or ``"paper"`` (:meth:`ibau.IBAU.from_recipe`).
         threshold: ``"auto"`` stops once the universal-perturbation success rate on the
             held-out images is below this.
         min_improvement: ``"auto"`` stops when a round lowers the success rate by less
-            than this compared with the best so far.
+            than this compared with the best so far (``None``, default: never for this reason).
         robustness_passes: passes of the universal-perturbation search.
         robustness_images: at most this many clean-set images are used for that search.
         seed: seeds the split, I-BAU and the search.
@@ -87,19 +105,24 @@ def unlearn(
         **ibau_kwargs: settings of :class:`ibau.IBAU` (``norm_bound``, ``outer_lr``, ...).
     """
     t_start = time.perf_counter()
-    if rounds != "auto" and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0):
-        raise InputError(f"rounds must be a non-negative integer or 'auto', got {rounds!r}")
+    if rounds is not None and rounds != "auto" and (isinstance(rounds, bool) or not isinstance(rounds, int)
+                                                    or rounds < 0):
+        raise InputError(f"rounds must be a non-negative integer, 'auto' or None, got {rounds!r}")
+    base = RECIPES[check_choice("recipe", recipe, tuple(RECIPES))]
+    rounds = base["rounds"] if rounds is None else rounds
+    max_rounds = base["rounds"] if max_rounds is None else max_rounds
     check_int("max_rounds", max_rounds, low=1, high=10_000)
     check_number("threshold", threshold, low=0, high=1)
-    check_number("min_improvement", min_improvement, low=0, high=1)
+    check_number("max_accuracy_drop", max_accuracy_drop, low=0, high=1)
+    check_number("min_improvement", min_improvement, low=0, high=1, allow_none=True)
     check_int("robustness_passes", robustness_passes, low=1, high=10_000)
     check_int("robustness_images", robustness_images, low=1)
     check_int("samples", samples, low=0)
     check_number("robustness_bound", robustness_bound, low=0, low_open=True, allow_none=True)
     if norm_bound == "auto":
-        norm_bound = scaled_norm_bound(tuple(x.shape[1:]))
-    defense = IBAU(rounds=max_rounds if rounds == "auto" else rounds, seed=seed, progress=progress,
-                   norm_bound=norm_bound, **ibau_kwargs)
+        norm_bound = scaled_norm_bound(tuple(x.shape[1:]), reference=base["norm_bound"])
+    defense = IBAU.from_recipe(recipe, rounds=max_rounds if rounds == "auto" else rounds, seed=seed,
+                               progress=progress, norm_bound=norm_bound, **ibau_kwargs)
     clean_idx, hold_idx = split_holdout(len(x), holdout, seed)
     x_hold, y_hold = x[hold_idx], y[hold_idx]  # the clean set itself is sliced once, by run_measured
     if len(clean_idx) < defense.batch_size:
@@ -119,37 +142,48 @@ def unlearn(
     measured: dict[str, Any] = {}
 
     def before(net: nn.Module, xh: Tensor, yh: Tensor) -> None:
+        measured["acc_before"] = holdout_accuracy(net, xh, yh)
         measured["rob_before"], measured["udelta_before"] = robustness(net)
         measured["preds_before"] = {"clean": predict(net, sample_x),
                                     "perturbed": predict(net, sample_x + measured["udelta_before"])}
 
     best = [float("inf")]
-    # the best round so far (rounds >= 1 only: never roll back to the poisoned model)
-    kept: dict[str, Any] = {"rate": float("inf"), "state": None}
+    acc0: list[float] = []  # held-out accuracy before I-BAU (read from the first record)
+    # the last round within the accuracy limit (rounds >= 1 only: never roll back to the poisoned model)
+    kept: dict[str, Any] = {"state": None, "round": None}
 
     def extra(m: nn.Module) -> dict[str, float]:
         if rounds != "auto":
             return {}
-        rate = robustness(defense.wrap(m))[0]["success_rate"]
-        if rate < kept["rate"]:
-            kept.update(rate=rate, state={k: v.detach().clone() for k, v in m.state_dict().items()})
-        return {"universal_success_rate": rate}
+        return {"universal_success_rate": robustness(defense.wrap(m))[0]["success_rate"]}
+
+    def within_limit(rec: dict) -> bool:
+        return not acc0 or acc0[0] - rec["holdout_accuracy"] <= max_accuracy_drop + 1e-12
 
     def stop_when(rec: dict) -> str | bool:
         if rounds != "auto":
             return False
+        if rec.get("round", 0) == 0:
+            return False
+        if not acc0:
+            acc0.append(measured["acc_before"])
         if best[0] == float("inf"):
             best[0] = measured["rob_before"]["success_rate"]
         s = rec["universal_success_rate"]
+        if within_limit(rec):
+            kept.update(round=rec["round"], state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        if not within_limit(rec):
+            return (f"accuracy limit: round {rec['round']} lost {100 * (acc0[0] - rec['holdout_accuracy']):.1f} points "
+                    f"of held-out accuracy (limit {100 * max_accuracy_drop:g})")
         if s < threshold:
             return f"robust: universal-perturbation success {s:.1%} is below the threshold {threshold:.0%}"
-        if s > best[0] - min_improvement:
+        if min_improvement is not None and s > best[0] - min_improvement:
             return (f"stopped improving: universal-perturbation success {s:.1%} after round {rec['round']} "
                     f"(best so far {best[0]:.1%})")
         best[0] = s
         return False
 
-    outcome: dict[str, Any] = {}
+    outcome: dict[str, Any] = {"warnings": []}
 
     def keep_best(result) -> None:
         history = [h for h in result.history if h.get("round", 0) > 0]
@@ -161,11 +195,14 @@ def unlearn(
             stop_reason = result.stop_reason
         kept_round = len(history)
         if rounds == "auto" and history:
-            best_round = min(history, key=lambda h: h["universal_success_rate"])["round"]
-            if best_round != history[-1]["round"] and kept["state"] is not None:
-                model.load_state_dict(kept["state"])  # the last round made it worse: keep the best one
-                kept_round = best_round
-                stop_reason += f"; kept the weights of round {best_round}, the most robust"
+            if kept["round"] is not None and kept["round"] != history[-1]["round"]:
+                model.load_state_dict(kept["state"])  # the last round lost too much accuracy: roll back
+                kept_round = kept["round"]
+                stop_reason += f"; kept the weights of round {kept_round}, the last within the accuracy limit"
+            elif kept["round"] is None:
+                outcome["warnings"].append(
+                    f"every round lost more than {100 * max_accuracy_drop:g} points of held-out accuracy; "
+                    f"the last round (round {kept_round}) is kept")
         outcome.update(history=history, stop_reason=stop_reason, kept_round=kept_round)
 
     run = run_measured(defense, model, x, y, holdout=holdout, seed=seed, split=(clean_idx, hold_idx), extra=extra,
@@ -174,14 +211,15 @@ def unlearn(
     rob_before, udelta_before = measured["rob_before"], measured["udelta_before"]
     rob_after, udelta_after = robustness(net)
     preds_after = {"clean": predict(net, sample_x), "perturbed_before_delta": predict(net, sample_x + udelta_before)}
-    warnings = []
+    warnings = list(outcome["warnings"])
     if rob_after["success_rate"] >= threshold:
         warnings.append(f"a universal perturbation within the bound still changes {rob_after['success_rate']:.1%} of "
                         "correct held-out predictions; at large bounds this holds for clean models too, so compare "
                         "with the value before and try a trigger-sized robustness bound (3-9 for 32x32 RGB)")
     report = base_report(
         run, warnings=warnings,
-        config={**defense.config(), "rounds": rounds, "max_rounds": max_rounds, "threshold": threshold,
+        config={**defense.config(), "recipe": recipe, "rounds": rounds, "max_rounds": max_rounds,
+                "threshold": threshold, "max_accuracy_drop": max_accuracy_drop,
                 "min_improvement": min_improvement, "robustness_passes": robustness_passes,
                 "robustness_images": len(search), "holdout": holdout, "seed": seed, "robustness_bound": bound},
         robustness_before=rob_before, robustness_after=rob_after, clean_set_size=len(clean_idx),

@@ -80,3 +80,20 @@ def protocol_split(name: str, root: str | None, protocol: dict[str, Any]) -> tup
     if protocol.get("eval_size"):
         ev = ev[torch.randperm(len(ev), generator=g)[: check_int("eval_size", protocol["eval_size"], low=1)]]
     return (x[clean], y[clean]), (x[ev], y[ev])
+
+
+def unseen_train_split(name: str, root: str | None, protocol: dict[str, Any], train_size: int | None,
+                       train_seed: int) -> Split:
+    """A seeded random ``clean_size`` of the training images that a model trained on
+    ``poisoning.subset(train, train_size, train_seed)`` never saw (``protocol["clean_from"]
+    = "train_unseen"``): lossless clean images that are new to the model."""
+    d = load(name, root, "train")
+    x, y = d["x"], d["y"]
+    n_train = len(x) if train_size is None or train_size >= len(x) else int(train_size)
+    unseen = torch.randperm(len(x), generator=torch.Generator().manual_seed(train_seed))[n_train:]
+    n_clean = check_int("clean_size", protocol["clean_size"], low=1)
+    if n_clean > len(unseen):
+        raise InputError(f"{name}: clean_size {n_clean} exceeds the {len(unseen)} training images the model never saw")
+    g = torch.Generator().manual_seed(check_int("split_seed", protocol.get("split_seed", 0), low=0))
+    pick = unseen[torch.randperm(len(unseen), generator=g)[:n_clean]]
+    return x[pick], y[pick]

@@ -436,10 +436,11 @@ def _ablation_lines(meta: dict[str, Any], recs: list[dict[str, Any]], per_model:
                     for n, t in sorted(targets.items(), reverse=True) if n in sizes)
     lines = ["Variants: " + "; ".join(f"**{v}** {variants.get(v, '')}".rstrip() for v in order) + ".", "",
              "ACC drop: points lost against the same model before I-BAU on the same evaluation images (negative: "
-             "gained); ASR: non-target triggered images classified as the target (%). Mean ± s.d. over the models; "
-             f"targets (issue 13): {tgt or '-'}; \"meet\": models meeting both after that round. Seconds: I-BAU's "
+             "gained); ASR: non-target triggered images classified as the target (%). Mean ± s.d. over the cells (models, "
+             f"and seeds where there are several); targets (issue 13): {tgt or '-'}; \"meet\": cells meeting both after "
+             "that round. Seconds: I-BAU's "
              "own time per cell (evaluation excluded), mean.", "",
-             "| variant | clean images | models | " +
+             "| variant | clean images | cells | " +
              " | ".join(f"ACC drop r{i} | ASR r{i} | meet r{i}" for i in range(1, n_rounds + 1)) + " | seconds |",
              "|---|---|---|" + "---|---|---|" * n_rounds + "---|"]
     for v in order:
@@ -463,20 +464,27 @@ def _ablation_lines(meta: dict[str, Any], recs: list[dict[str, Any]], per_model:
     models = list(dict.fromkeys(r["params"]["model"]["name"] for r in recs))
     for m in models:
         for n in sizes:
-            g = {r["params"].get("variant", "-"): r for r in recs
-                 if r["params"]["model"]["name"] == m and int(r["params"]["protocol"]["clean_size"]) == n}
+            g: dict[str, list[dict]] = defaultdict(list)
+            for r in recs:
+                if r["params"]["model"]["name"] == m and int(r["params"]["protocol"]["clean_size"]) == n:
+                    g[r["params"].get("variant", "-")].append(r)
             if not g:
                 continue
-            b = next(iter(g.values()))["result"]["before"]
+            b = next(iter(g.values()))[0]["result"]["before"]
             cells = []
             for v in order:
-                r = g.get(v)
-                if r is None:
+                rs = g.get(v)
+                if not rs:
                     cells.append("not run")
-                    continue
-                pts = [_ablation_point(r, i) for i in range(1, len(_rounds_of(r)) + 1)]
-                txt = " → ".join(f"{p[0]:.1f} / {p[1]:.1f}" for p in pts)
-                cells.append(txt + (" ✓" if pts and _meets(pts[-1], targets.get(n)) else ""))
+                elif len(rs) == 1:
+                    pts = [_ablation_point(rs[0], i) for i in range(1, len(_rounds_of(rs[0])) + 1)]
+                    txt = " → ".join(f"{p[0]:.1f} / {p[1]:.1f}" for p in pts)
+                    cells.append(txt + (" ✓" if pts and _meets(pts[-1], targets.get(n)) else ""))
+                else:  # several seeds (clean set and I-BAU): the last round, mean ± s.d., seeds meeting the target
+                    last = [_ablation_point(r, len(_rounds_of(r))) for r in rs if _rounds_of(r)]
+                    met = sum(_meets(p, targets.get(n)) for p in last)
+                    cells.append(f"{stat([p[0] for p in last])} / {stat([p[1] for p in last])} "
+                                 f"({met}/{len(last)} seeds ✓)")
             lines.append(f"| {(rows or {}).get(m, m)} | {n:,} | {100 * b['acc']:.1f} / {100 * b['asr']:.1f} | "
                          + " | ".join(cells) + " |")
     return lines

@@ -50,7 +50,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from ..errors import InputError
+from ..errors import InputError, check_choice
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,7 +63,12 @@ __all__ = ["Experiment", "Cell", "SpecError", "is_common_file", "load_experiment
 PROFILE_KEYS = {
     "about", "dataset", "models", "defenses", "seeds", "clean_size", "eval_size", "split_seed", "stop_asr",
     "settings", "axes", "zip_axes", "measures", "task", "dp_train_size", "eval_batch", "derive_from", "tsne_images",
+    "clean_from",
 }
+
+#: where a cell's clean set comes from: the test split (the paper's protocol), or training images that the
+#: model (trained by the runner from a seeded subset of the training split) never saw: lossless and unseen
+CLEAN_SOURCES = ("test", "train_unseen")
 
 
 class SpecError(InputError):
@@ -250,6 +255,8 @@ def expand(exp: Experiment, profile: str) -> list[Cell]:
     for optional in ("dp_train_size", "tsne_images"):
         if optional in prof:
             base[optional] = prof[optional]
+    if "clean_from" in prof:  # only when given: the cells of older files keep their keys
+        base["protocol"]["clean_from"] = check_choice("clean_from", prof["clean_from"], CLEAN_SOURCES)
     if prof.get("zip_axes"):
         lengths = {len(axes[a]) for a in axis_names}
         if len(lengths) > 1:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..jobs.runner import make_defense
+from .spec import SpecError
 from ..defenses.base import time_to_effect
 from ..metrics import predict
 from ..poisoning import evaluate_attack, subset
@@ -79,6 +80,13 @@ def run_defend(params: dict[str, Any], env: Env) -> dict[str, Any]:
     dataset, root = params["dataset"], env.get("data_dir")
     num_classes = bdata.NUM_CLASSES.get(dataset) or int(params["model"].get("num_classes", 10))
     (xc, yc), (xe, ye) = bdata.protocol_split(dataset, root, params["protocol"])
+    if params["protocol"].get("clean_from", "test") == "train_unseen":
+        if "train" not in params["model"]:
+            raise SpecError(f"clean_from = 'train_unseen' needs a model the runner trains (a 'train' recipe); "
+                            f"{params['model'].get('name')!r} has none")
+        recipe = params["model"]["train"]
+        xc, yc = bdata.unseen_train_split(dataset, root, params["protocol"], recipe.get("size"),
+                                          int(recipe.get("seed", 0)))
     batch = int(params["protocol"].get("eval_batch", 500))
     t_load = time.perf_counter()
     model, attack, source = load_model(params["model"], dataset, root, Path(env["cache"]), device, num_classes, xe,
@@ -99,7 +107,12 @@ def run_defend(params: dict[str, Any], env: Env) -> dict[str, Any]:
         out.update(after=before, history=[{"point": "before", "elapsed": 0.0, **before}], seconds=0.0,
                    stop_reason="no defense", time_to_effect=None)
         return out
-    defense = make_defense(name, _none(dict(params.get("settings", {}))), seed=params.get("seed", 0),
+    settings = _none(dict(params.get("settings", {})))
+    if name == "ibau":
+        # the reproduction grid's I-BAU is the paper's (Algorithm 1 as the authors ran it): its cells keep
+        # their meaning when the library's default recipe changes; `recipe = "default"` asks for the default
+        settings.setdefault("recipe", "paper")
+    defense = make_defense(name, settings, seed=params.get("seed", 0),
                            progress=bool(env.get("progress", False)))
     if getattr(defense, "data_role", "clean") == "training":
         # DP-SGD trains a fresh model from scratch on the poisoned training data

@@ -21,10 +21,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--report-dir", type=Path, help="also write a markdown report with plots here")
     o.add_argument("--force", action="store_true", help="replace existing outputs (never an input)")
     r = p.add_argument_group("rounds")
+    r.add_argument("--recipe", default=defaults["recipe"], choices=("default", "paper"),
+                   help="default: the measured default recipe (see README); paper: Algorithm 1 with the authors' "
+                        f"settings (default: {defaults['recipe']})")
     r.add_argument("--rounds", default=defaults["rounds"],
-                   help=f"I-BAU rounds, or 'auto': until robust or no progress (default: {defaults['rounds']})")
+                   help="I-BAU rounds, or 'auto': until robust, the accuracy limit or --max-rounds "
+                        "(default: the recipe's, 2 for default and 5 for paper)")
     r.add_argument("--max-rounds", type=INT, default=defaults["max_rounds"],
-                   help=f"most rounds for --rounds auto (default: {defaults['max_rounds']})")
+                   help="most rounds for --rounds auto (default: the recipe's, 2 for default and 5 for paper)")
+    r.add_argument("--max-accuracy-drop", type=FLOAT, default=defaults["max_accuracy_drop"],
+                   help="--rounds auto stops after, and never keeps, a round that lost more held-out accuracy than "
+                        f"this fraction when an earlier one did not (default: {defaults['max_accuracy_drop']})")
     r.add_argument("--threshold", type=FLOAT, default=defaults["threshold"],
                    help=f"--rounds auto stops below this universal-perturbation success rate "
                         f"(default: {defaults['threshold']})")
@@ -41,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     written = unlearn_job(model_source(args), data_source(args), out=args.out, report=args.report,
                           report_dir=args.report_dir, force=args.force, holdout=args.holdout, rounds=args.rounds,
                           max_rounds=args.max_rounds, threshold=args.threshold,
+                          max_accuracy_drop=args.max_accuracy_drop, recipe=args.recipe,
                           robustness_bound=args.robustness_bound, seed=args.seed, device=args.device,
                           progress=not args.quiet, ibau_settings=ibau_settings(args), log=log_of(args))
     return finish(args, written)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, check_int, check_number
+from ..errors import InputError, check_choice, check_int, check_number
 from .inputs import DataSource, ModelSource, load_inputs, resolve_device, seed_everything
 from .outputs import Outputs
 
@@ -47,7 +47,9 @@ def parse_holdout(value: Any) -> float | int:
     return float(value)
 
 
-def parse_rounds(value: Any) -> int | str:
+def parse_rounds(value: Any) -> int | str | None:
+    if value is None:  # the recipe's number of rounds
+        return None
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
@@ -57,7 +59,7 @@ def parse_rounds(value: Any) -> int | str:
     return check_int("rounds", rounds, low=0, high=10_000)
 
 
-def ibau_settings_check(settings: dict[str, Any]) -> None:
+def ibau_settings_check(settings: dict[str, Any], recipe: str = "default") -> None:
     """Build an :class:`~ibau.IBAU` from ``settings`` once, to refuse bad values up front
     (``norm_bound="auto"`` is resolved per image size later; any valid bound stands in)."""
     from ..defenses.ibau import IBAU
@@ -66,7 +68,7 @@ def ibau_settings_check(settings: dict[str, Any]) -> None:
     if kwargs.get("norm_bound") == "auto":
         kwargs["norm_bound"] = 10.0
     try:
-        IBAU(**kwargs)
+        IBAU.from_recipe(recipe, **kwargs)
     except InputError:
         raise
     except (TypeError, ValueError) as exc:
@@ -106,7 +108,8 @@ _U = _unlearn_defaults()  # the library's defaults, written once in ibau.unlearn
 
 def unlearn_job(model: ModelSource, data: DataSource, *, out: Path, report: Path, report_dir: Path | None = None,
                 force: bool = False, holdout: Any = _U["holdout"], rounds: Any = _U["rounds"],
-                max_rounds: int = _U["max_rounds"], threshold: float = _U["threshold"],
+                max_rounds: int | None = _U["max_rounds"], threshold: float = _U["threshold"],
+                max_accuracy_drop: float = _U["max_accuracy_drop"], recipe: str = _U["recipe"],
                 robustness_bound: float | None = _U["robustness_bound"], seed: int = _U["seed"], device: Any = "auto",
                 progress: bool = True, ibau_settings: dict[str, Any] | None = None,
                 log: list[Path] | None = None) -> Written:
@@ -122,12 +125,17 @@ def unlearn_job(model: ModelSource, data: DataSource, *, out: Path, report: Path
     plan.check()
     holdout = parse_holdout(holdout)
     rounds = parse_rounds(rounds)
-    check_int("max_rounds", max_rounds, low=1, high=10_000)
+    if max_rounds is not None:
+        check_int("max_rounds", max_rounds, low=1, high=10_000)
     check_number("threshold", threshold, low=0, high=1)
+    check_number("max_accuracy_drop", max_accuracy_drop, low=0, high=1)
+    from ..defenses.ibau import RECIPES
+
+    check_choice("recipe", recipe, tuple(RECIPES))
     check_number("robustness_bound", robustness_bound, low=0, low_open=True, allow_none=True)
     check_int("seed", seed, low=0, high=2**63 - 1)
     settings = dict(ibau_settings or {})
-    ibau_settings_check(settings)
+    ibau_settings_check(settings, recipe)
     resolve_device(device)
     if report_dir is not None:
         require_matplotlib()
@@ -137,7 +145,7 @@ def unlearn_job(model: ModelSource, data: DataSource, *, out: Path, report: Path
     if inputs.normalize is not None:
         settings["normalize"] = inputs.normalize
     result = unlearn(inputs.model, inputs.x, inputs.y, holdout=holdout, rounds=rounds, max_rounds=max_rounds,
-                     threshold=threshold, seed=seed, progress=progress, robustness_bound=robustness_bound,
+                     threshold=threshold, max_accuracy_drop=max_accuracy_drop, recipe=recipe, seed=seed, progress=progress, robustness_bound=robustness_bound,
                      **settings)
     rep = result.report
     rep["inputs"] = inputs.info

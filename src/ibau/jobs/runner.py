@@ -77,17 +77,21 @@ def defense_class(name: str) -> type:
 def make_defense(method: str | type, settings: dict[str, Any] | None = None, *, seed: int = 0,
                  progress: bool = False):
     """A defense of the registry built from ``settings`` (checked), with ``seed`` and
-    ``progress`` filled in where the method takes them. Bad values raise
-    :class:`InputError` from the method's own validation."""
+    ``progress`` filled in where the method takes them. A ``recipe`` setting names a
+    recipe of a method that has several (:meth:`ibau.IBAU.from_recipe`: ``"default"``,
+    ``"paper"``). Bad values raise :class:`InputError` from the method's own validation."""
     cls = defense_class(method) if isinstance(method, str) else method
     settings = dict(settings or {})
+    recipe = settings.pop("recipe", None)
+    if recipe is not None and not hasattr(cls, "from_recipe"):
+        raise InputError(f"{getattr(cls, 'name', cls.__name__)} has no recipes (setting recipe)")
     known = check_settings(cls, settings)
     if "seed" in known:
         settings.setdefault("seed", seed)
     if "progress" in known:
         settings.setdefault("progress", progress)
     try:
-        return cls(**settings)
+        return cls(**settings) if recipe is None else cls.from_recipe(recipe, **settings)
     except InputError:
         raise
     except (TypeError, ValueError) as exc:

@@ -15,9 +15,11 @@ class SmallVGG(nn.Module):
         num_classes: number of output logits (10 for CIFAR-10, 43 for GTSRB).
         in_channels: image channels (3 for RGB).
         image_size: side of the square input; must be divisible by 8.
+        batchnorm: ``False`` puts an identity where each BatchNorm was (our addition: the
+            network without BatchNorm of the ablation, issue 13); indices are unchanged.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, batchnorm: bool = True):
         super().__init__()
         if image_size % 8:
             raise ValueError(f"image_size must be divisible by 8, got {image_size}")
@@ -25,7 +27,8 @@ class SmallVGG(nn.Module):
         c_in = in_channels
         for width, p_drop in ((32, 0.3), (64, 0.4), (128, 0.4)):
             for _ in range(2):
-                layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ELU(inplace=False)]
+                norm = nn.BatchNorm2d(width) if batchnorm else nn.Identity()
+                layers += [nn.Conv2d(c_in, width, 3, padding=1), norm, nn.ELU(inplace=False)]
                 c_in = width
             layers += [nn.MaxPool2d(2), nn.Dropout(p_drop)]
         self.features = nn.Sequential(*layers)
