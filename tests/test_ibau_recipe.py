@@ -149,3 +149,15 @@ def test_auto_rounds_never_keep_a_round_beyond_the_accuracy_limit_silently():
     assert any("every round lost more than 0 points" in w for w in rep["warnings"])
     with pytest.raises(InputError, match="max_accuracy_drop"):
         _unlearn_toy(max_accuracy_drop=2.0)
+
+
+def test_auto_rounds_roll_back_to_the_last_round_within_the_accuracy_limit():
+    # measured on this toy: held-out accuracy 0.71 before, 0.46 after round 1, 0.34 after round 2
+    model, rep = _unlearn_toy(max_accuracy_drop=0.3, threshold=0.0, max_rounds=3, outer_lr=0.03, recovery_passes=0)
+    accs = [h["holdout_accuracy"] for h in rep["history"]]
+    assert rep["clean_accuracy_before"] - accs[0] <= 0.3 < rep["clean_accuracy_before"] - accs[1]
+    assert rep["stop_reason"].startswith("accuracy limit: round 2 lost")
+    assert rep["stop_reason"].endswith("kept the weights of round 1, the last within the accuracy limit")
+    assert rep["rounds"] == 2 and rep["kept_round"] == 1
+    assert not any("every round lost" in w for w in rep["warnings"])
+    assert rep["clean_accuracy_after"] == pytest.approx(accs[0])  # the kept weights are round 1's
