@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ibau import InputError
 from ibau.bench import SpecError, expand, finished, is_common_file, load_experiment, load_results, run_grid
 from ibau.bench import data as bdata
 from ibau.bench.report import tsne_separation, write_report
@@ -122,6 +123,23 @@ def test_protocol_split_arrays_layout_with_eval_mask(tmp_path):
     assert torch.equal(xs, xc[:10])  # smaller clean sets are nested in larger ones (Table 5)
     with pytest.raises(ValueError, match="leaves no evaluation"):
         bdata.protocol_split("cifar10", str(tmp_path), {"clean_size": 41, "split_seed": 0})
+
+
+def test_unseen_train_split_never_holds_an_image_the_model_trained_on():
+    from ibau.poisoning import subset
+
+    tr = bdata.load("digits", None, "train")
+    seen, _ = subset(tr["x"], tr["y"], 300, 0)
+    x, y = bdata.unseen_train_split("digits", None, {"clean_size": 100, "split_seed": 1}, 300, 0)
+    assert len(x) == 100
+    flat_seen, flat = seen.flatten(1), x.flatten(1)
+    assert not (flat[:, None, :] == flat_seen[None, :, :]).all(-1).any()  # no clean image is a training image
+    assert (flat[:, None, :] == tr["x"].flatten(1)[None, :, :]).all(-1).any(1).all()  # all come from the train split
+    again, _ = bdata.unseen_train_split("digits", None, {"clean_size": 100, "split_seed": 1}, 300, 0)
+    other, _ = bdata.unseen_train_split("digits", None, {"clean_size": 100, "split_seed": 2}, 300, 0)
+    assert torch.equal(x, again) and not torch.equal(x, other)
+    with pytest.raises(InputError, match="never saw"):
+        bdata.unseen_train_split("digits", None, {"clean_size": 100}, None, 0)
 
 
 def test_protocol_split_without_mask_is_disjoint():

@@ -64,15 +64,22 @@ def _output_classes(model: nn.Module, x: Tensor) -> int:
     return int(out.shape[-1])
 
 
-def subset(x: Tensor, y: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
-    """A seeded random ``n`` (>= 1) of ``(x, y)`` (all of it when ``n`` is None)."""
+def subset_indices(total: int, n: int | None, seed: int) -> tuple[Tensor | None, Tensor]:
+    """Which of ``total`` items :func:`subset` keeps (``None``: all of them, when ``n`` is None
+    or at least ``total``) and, in a seeded order, the ones it leaves out."""
     from .errors import check_int
 
     check_int("subset", n, low=1, allow_none=True)
-    if n is None or n >= len(x):
-        return x, y
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
-    return x[idx], y[idx]
+    if n is None or n >= total:
+        return None, torch.zeros(0, dtype=torch.long)
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return perm[:n], perm[n:]
+
+
+def subset(x: Tensor, y: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded random ``n`` (>= 1) of ``(x, y)`` (all of it when ``n`` is None)."""
+    idx, _ = subset_indices(len(x), n, seed)
+    return (x, y) if idx is None else (x[idx], y[idx])
 
 
 def default_checkpoint(out: Path) -> Path:

@@ -148,7 +148,6 @@ def unlearn(
                                     "perturbed": predict(net, sample_x + measured["udelta_before"])}
 
     best = [float("inf")]
-    acc0: list[float] = []  # held-out accuracy before I-BAU (read from the first record)
     # the last round within the accuracy limit (rounds >= 1 only: never roll back to the poisoned model)
     kept: dict[str, Any] = {"state": None, "round": None}
 
@@ -157,24 +156,19 @@ def unlearn(
             return {}
         return {"universal_success_rate": robustness(defense.wrap(m))[0]["success_rate"]}
 
-    def within_limit(rec: dict) -> bool:
-        return not acc0 or acc0[0] - rec["holdout_accuracy"] <= max_accuracy_drop + 1e-12
-
     def stop_when(rec: dict) -> str | bool:
         if rounds != "auto":
             return False
         if rec.get("round", 0) == 0:
             return False
-        if not acc0:
-            acc0.append(measured["acc_before"])
         if best[0] == float("inf"):
             best[0] = measured["rob_before"]["success_rate"]
         s = rec["universal_success_rate"]
-        if within_limit(rec):
-            kept.update(round=rec["round"], state={k: v.detach().clone() for k, v in model.state_dict().items()})
-        if not within_limit(rec):
-            return (f"accuracy limit: round {rec['round']} lost {100 * (acc0[0] - rec['holdout_accuracy']):.1f} points "
+        lost = measured["acc_before"] - rec["holdout_accuracy"]
+        if lost > max_accuracy_drop + 1e-12:
+            return (f"accuracy limit: round {rec['round']} lost {100 * lost:.1f} points "
                     f"of held-out accuracy (limit {100 * max_accuracy_drop:g})")
+        kept.update(round=rec["round"], state={k: v.detach().clone() for k, v in model.state_dict().items()})
         if s < threshold:
             return f"robust: universal-perturbation success {s:.1%} is below the threshold {threshold:.0%}"
         if min_improvement is not None and s > best[0] - min_improvement:

@@ -87,10 +87,11 @@ def unseen_train_split(name: str, root: str | None, protocol: dict[str, Any], tr
     """A seeded random ``clean_size`` of the training images that a model trained on
     ``poisoning.subset(train, train_size, train_seed)`` never saw (``protocol["clean_from"]
     = "train_unseen"``): lossless clean images that are new to the model."""
+    from ..poisoning import subset_indices
+
     d = load(name, root, "train")
     x, y = d["x"], d["y"]
-    n_train = len(x) if train_size is None or train_size >= len(x) else int(train_size)
-    unseen = torch.randperm(len(x), generator=torch.Generator().manual_seed(train_seed))[n_train:]
+    _, unseen = subset_indices(len(x), train_size, train_seed)
     n_clean = check_int("clean_size", protocol["clean_size"], low=1)
     if n_clean > len(unseen):
         raise InputError(f"{name}: clean_size {n_clean} exceeds the {len(unseen)} training images the model never saw")

@@ -436,10 +436,9 @@ def _ablation_lines(meta: dict[str, Any], recs: list[dict[str, Any]], per_model:
                     for n, t in sorted(targets.items(), reverse=True) if n in sizes)
     lines = ["Variants: " + "; ".join(f"**{v}** {variants.get(v, '')}".rstrip() for v in order) + ".", "",
              "ACC drop: points lost against the same model before I-BAU on the same evaluation images (negative: "
-             "gained); ASR: non-target triggered images classified as the target (%). Mean ± s.d. over the cells (models, "
-             f"and seeds where there are several); targets (issue 13): {tgt or '-'}; \"meet\": cells meeting both after "
-             "that round. Seconds: I-BAU's "
-             "own time per cell (evaluation excluded), mean.", "",
+             "gained); ASR: non-target triggered images classified as the target (%). Mean ± s.d. over the cells "
+             f"(models, and seeds where there are several); targets (issue 13): {tgt or '-'}; \"meet\": cells meeting "
+             "both after that round. Seconds: I-BAU's own time per cell (evaluation excluded), mean.", "",
              "| variant | clean images | cells | " +
              " | ".join(f"ACC drop r{i} | ASR r{i} | meet r{i}" for i in range(1, n_rounds + 1)) + " | seconds |",
              "|---|---|---|" + "---|---|---|" * n_rounds + "---|"]

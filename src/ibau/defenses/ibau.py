@@ -35,8 +35,8 @@ __all__ = ["IBAU", "UniversalPerturbation", "Batch", "perturbed_count", "PAPER_S
 PAPER_SETTINGS: dict[str, Any] = dict(
     rounds=5, norm_bound=10.0, inner_lr=10.0, inner_reg=1e-3, inner_optimizer="sgd", inner_projection="end",
     fp_step=0.1, fp_projected=False, hypergrad_iters=5, hypergrad_solver="fixed_point", hypergrad_tol=1e-10,
-    outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, batch_size=100, perturb_fraction=0.01,
-    clip_images=None)
+    outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, batch_size=100,
+    perturb_fraction=0.01, clip_images=None)
 
 #: The default recipe (issue 13), chosen from the ablation table
 #: (``benchmarks/results/ablation_unlearn.md``): the paper's minimax, inner pass and implicit
@@ -351,7 +351,8 @@ class IBAU(UniversalPerturbation):
         batch, first = Batch.of(batch), Batch.of(first)
         mask = self.perturbed_mask(batch.size, generator, batch.x.device, batch.x.dtype)[batch.rows]
         grads, loss = implicit_grad(lambda inner, _outer: self.outer_loss(net, batch, mask, inner[0]),
-                                    lambda inner, _outer: [self.fixed_point_map(net, first, comm.world, inner[0], comm=comm)],
+                                    lambda inner, _outer: [self.fixed_point_map(net, first, comm.world, inner[0],
+                                                                                comm=comm)],
                                     [delta], params, solver=self.hypergrad_solver, iters=self.hypergrad_iters,
                                     tol=self.hypergrad_tol, reduce=comm.all_reduce_sum, return_loss=True)
         return grads, float(loss)

@@ -145,7 +145,8 @@ def unlearn_job(model: ModelSource, data: DataSource, *, out: Path, report: Path
     if inputs.normalize is not None:
         settings["normalize"] = inputs.normalize
     result = unlearn(inputs.model, inputs.x, inputs.y, holdout=holdout, rounds=rounds, max_rounds=max_rounds,
-                     threshold=threshold, max_accuracy_drop=max_accuracy_drop, recipe=recipe, seed=seed, progress=progress, robustness_bound=robustness_bound,
+                     threshold=threshold, max_accuracy_drop=max_accuracy_drop, recipe=recipe, seed=seed,
+                     progress=progress, robustness_bound=robustness_bound,
                      **settings)
     rep = result.report
     rep["inputs"] = inputs.info
