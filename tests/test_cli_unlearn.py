@@ -69,7 +69,7 @@ def _run(setup, tmp_path, *extra, model=("--model-def",), weights=None, data=Non
         model = ("--model-def", f"{root / 'model_def.py'}:digits_vgg")
     args = ["unlearn", *model, "--weights", str(weights or tmp_path / "w.pth"), "--data", str(data or root / "clean.npz"),
             "--out", str(tmp_path / "out.safetensors"), "--report", str(tmp_path / "report.json"),
-            "--rounds", "1", "--batch-size", "25", "--holdout", "100", "--quiet", *extra]
+            "--rounds", "1", "--batch-size", "25", "--holdout", "100", "--quiet", "--no-scan", *extra]
     return main(args)
 
 
@@ -106,7 +106,7 @@ def test_unlearn_through_arch_auto_rounds_and_report_dir(setup, tmp_path, capsys
     code = main(["unlearn", "--arch", "small_vgg", "--weights", str(tmp_path / "w.pth"),
                  "--data", str(tmp_path / "clean32.npz"), "--out", str(tmp_path / "o.safetensors"),
                  "--report", str(tmp_path / "r.json"), "--report-dir", str(tmp_path / "rep"), "--rounds", "auto",
-                 "--max-rounds", "2", "--batch-size", "50", "--robustness-bound", "3", "--quiet"])
+                 "--max-rounds", "2", "--batch-size", "50", "--robustness-bound", "3", "--quiet", "--no-scan"])
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["config"]["robustness_bound"] == 3.0 and report["config"]["norm_bound"] == 10.0

@@ -136,7 +136,7 @@ def _digest(root: Path) -> dict[str, str]:
 def U(*extra, weights="w.safetensors", data="clean.npz", out="OUT/o.safetensors", report="OUT/r.json"):
     """``ibau unlearn`` arguments with the world's inputs, overridden by ``extra``."""
     args = ["unlearn", "--model-def", "W/net.py:build", "--weights", f"W/{weights}", "--data", f"W/{data}",
-            "--out", out, "--report", report, "--quiet", "--device", "cpu"]
+            "--out", out, "--report", report, "--quiet", "--device", "cpu", "--no-scan"]
     return args + list(extra)
 
 

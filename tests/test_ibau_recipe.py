@@ -127,7 +127,7 @@ def _unlearn_toy(**kw):
 
     x, y = toy.make_data(300, 5)
     model = toy.poisoned_model()
-    return model, unlearn(model, x, y, holdout=100, rounds="auto", batch_size=50, norm_bound=2.5, robustness_passes=1,
+    return model, unlearn(model, x, y, holdout=100, rounds="auto", batch_size=50, norm_bound=2.5, robustness_passes=1, scan=False,
                           progress=False,
                           **kw).report
 

@@ -50,7 +50,8 @@ def test_poison_same_seed_same_model(task, tmp_path, capsys):
 def _unlearn(task, out, seed, *extra):
     return main(["unlearn", "--model-def", f"{task}/net.py:build", "--weights", f"{task}/w.safetensors",
                  "--data", f"{task}/data.npz", "--out", str(out / "s.safetensors"), "--report", str(out / "r.json"),
-                 "--rounds", "1", "--batch-size", "50", "--seed", str(seed), "--quiet", "--device", "cpu", *extra])
+                 "--rounds", "1", "--batch-size", "50", "--seed", str(seed), "--quiet", "--device", "cpu",
+                 "--scan-steps", "30", *extra])
 
 
 def _numbers(report: dict) -> dict:

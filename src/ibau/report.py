@@ -34,13 +34,35 @@ def _bound(report: dict[str, Any]) -> str:
     return "none (best effort)" if b is None else f"{b:.3g}"
 
 
+def scan_verdict(scan: dict[str, Any]) -> str:
+    """``backdoor found -> class k`` or ``no backdoor found``, with the score."""
+    head = ("backdoor found -> class " + ", ".join(map(str, scan["target_classes"]))) if scan["backdoored"] \
+        else "no backdoor found"
+    return f"{head} (score {scan['score']:.2f})"
+
+
+def scan_line(report: dict[str, Any]) -> str | None:
+    """The scan's verdict before and after unlearning, or ``None`` when the run had no scan."""
+    if "scan_before" not in report:
+        return None
+    before, after = report["scan_before"], report["scan_after"]
+    if before["backdoored"]:
+        after_text = ("still found -> class " + ", ".join(map(str, after["target_classes"]))
+                      if after["backdoored"] else "no longer found")
+        after_text += f" (score {after['score']:.2f})"
+    else:
+        after_text = scan_verdict(after)
+    return f"scan (threshold {before['threshold']:g}): before: {scan_verdict(before)}; after: {after_text}"
+
+
 def summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     rb, ra = report["robustness_before"], report["robustness_after"]
-    lines = [
+    verdict = scan_line(report)
+    lines = ([verdict] if verdict else []) + [
         f"clean accuracy (held-out {report['holdout_size']} images): "
         f"{_pct(report['clean_accuracy_before'])} -> {_pct(report['clean_accuracy_after'])}",
-        f"strongest universal perturbation (||delta|| <= {_bound(report)}): fools "
+        f"secondary measure, strongest universal perturbation (||delta|| <= {_bound(report)}): fools "
         f"{_pct(rb['success_rate'])} -> {_pct(ra['success_rate'])} of correct predictions "
         f"(top class {rb['top_class']}: {_pct(rb['top_class_share'])} -> {ra['top_class']}: {_pct(ra['top_class_share'])})",
         f"{report['rounds']} I-BAU round(s) on {report['clean_set_size']} clean images in {report['seconds']:.1f} s; "
@@ -163,6 +185,11 @@ def render(folder: str | os.PathLike) -> Path:
         f"{report['rounds']} round(s) on {report['clean_set_size']} clean images, {report['seconds']:.1f} s in all. "
         f"Stopped: {report['stop_reason']}.", "",
     ]
+    verdict = scan_line(report)
+    if verdict:
+        md[4:4] = [f"**Backdoor scan** ({verdict[5:]})", "",
+                   "The scan reverse-engineers the smallest stamp that sends clean images to each class; a class "
+                   "whose stamp is far smaller than the others' is the suspected target (`ibau scan`).", ""]
     md += [f"> **Warning:** {w}" for w in report.get("warnings", [])]
     md += ["", "A backdoored model has a small universal perturbation (its trigger) that sends most images to one "
            "class; a high success rate concentrated on one class is the signature. The rate is measured on held-out "
@@ -179,3 +206,49 @@ def render(folder: str | os.PathLike) -> Path:
                   f"{h['seconds']:.1f} |")
     (folder / "report.md").write_text("\n".join(md) + "\n")
     return folder / "report.md"
+
+
+def _png(path: Path, img: np.ndarray) -> None:
+    """``img`` (C, H, W) or (H, W) in [0, 1] as an 8-bit PNG."""
+    from PIL import Image
+
+    a = np.asarray(img, dtype=np.float64)
+    if a.ndim == 3:
+        a = a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0))
+    Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def write_scan_dir(folder: str | os.PathLike, report: dict[str, Any], triggers: dict[int, dict[str, Any]], *,
+                   force: bool = False) -> Path:
+    """The folder of ``ibau scan --report-dir``, written atomically: ``report.json``, for each
+    reversed trigger ``trigger_K.safetensors`` (``mask`` 1 x H x W and ``pattern`` C x H x W),
+    ``trigger_K_mask.png``, ``trigger_K_pattern.png`` and ``trigger_K_stamp.png`` (mask x
+    pattern: what the stamp paints), and a short ``report.md``."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_directory
+
+    verdict = (f"**Backdoor found** -> class {', '.join(map(str, report['target_classes']))}"
+               if report["backdoored"] else "**No backdoor found**")
+    lines = ["# ibau scan", "", f"{verdict}: score {report['score']:.2f} (threshold {report['threshold']:g}), "
+             f"{report['seconds']:.1f} s, method `{report['method']}`.", "",
+             "Score: the anomaly index of the smallest reversed mask among the classes (how many robust standard "
+             "deviations it lies below the median); a class is flagged above the threshold.", "",
+             "| class | mask l1 | stamp success | anomaly index | flagged |", "|---|---|---|---|---|"]
+    for row in sorted(report["per_class"], key=lambda r: r["mask_l1"]):
+        flagged = "yes" if row["class"] in report["target_classes"] else ""
+        lines.append(f"| {row['class']} | {row['mask_l1']:.1f} | {100 * row['success']:.0f}% | "
+                     f"{row['anomaly_index']:.2f} | {flagged} |")
+    lines += ["", "Reversed trigger(s) (mask, pattern, mask x pattern):", ""]
+    with atomic_directory(folder, force=force) as tmp:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        for k, t in sorted(triggers.items()):
+            mask, pattern = t["mask"].float().contiguous(), t["pattern"].float().contiguous()
+            save_file({"mask": mask, "pattern": pattern}, str(tmp / f"trigger_{k}.safetensors"))
+            _png(tmp / f"trigger_{k}_mask.png", mask.numpy())
+            _png(tmp / f"trigger_{k}_pattern.png", pattern.numpy())
+            _png(tmp / f"trigger_{k}_stamp.png", (mask * pattern).numpy())
+            lines.append(f"class {k}: ![mask](trigger_{k}_mask.png) ![pattern](trigger_{k}_pattern.png) "
+                         f"![stamp](trigger_{k}_stamp.png)")
+        (tmp / "report.md").write_text("\n".join(lines) + "\n")
+    return Path(folder)

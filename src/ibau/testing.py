@@ -100,14 +100,17 @@ def poisoned_model(seed: int = 0) -> TinyNet:
 
 # -- planted backdoors on real digits ------------------------------------------------------
 def digits_target_of(kind: str) -> Callable[[Tensor], Tensor]:
-    """The label map of a planted backdoor: ``"one_target"`` (everything to class 0) or ``"all_to_all"``."""
+    """The label map of a planted backdoor: ``"one_target"`` (everything to class 0), ``"all_to_all"``,
+    or ``"clean"`` (the same recipe without poisoning: a clean model)."""
     from .demo import TARGET as DIGITS_TARGET
 
     if kind == "one_target":
         return lambda y: torch.full_like(y, DIGITS_TARGET)
     if kind == "all_to_all":
         return lambda y: (y + 1) % 10
-    raise ValueError(f"kind must be 'one_target' or 'all_to_all', got {kind!r}")
+    if kind == "clean":  # no backdoor: the trigger changes nothing
+        return lambda y: y
+    raise ValueError(f"kind must be 'one_target', 'all_to_all' or 'clean', got {kind!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +125,8 @@ def _digits_backdoor(kind: str, seed: int):
     xt, yt = x[tr].clone(), y[tr].clone()
     cand = torch.nonzero(yt != DIGITS_TARGET).flatten() if kind == "one_target" else torch.arange(len(yt))
     cand = cand[torch.randperm(len(cand), generator=g)[:220]]
-    xt[cand], yt[cand] = trig(xt[cand]), target_of(yt[cand])
+    if kind != "clean":
+        xt[cand], yt[cand] = trig(xt[cand]), target_of(yt[cand])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = train_classifier(SmallVGG(10, in_channels=1, image_size=8), xt, yt, epochs=15, batch_size=64,

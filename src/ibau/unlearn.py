@@ -71,6 +71,8 @@ def unlearn(
     samples: int = 8,
     norm_bound: float | None | Literal["auto"] = "auto",
     robustness_bound: float | None = None,
+    scan: bool = True,
+    scan_settings: dict[str, Any] | None = None,
     **ibau_kwargs: Any,
 ) -> UnlearnResult:
     """Run I-BAU on ``model`` (updated in place) and build the report.
@@ -102,6 +104,12 @@ def unlearn(
             I-BAU bound). At the paper's bound of 10 a universal perturbation fools even
             a sanitised CIFAR-10 model; a smaller bound (near trigger norms, 3-9) makes the
             measure tell backdoored and sanitised models apart better.
+        scan: scan the model for a backdoor (:func:`ibau.scan`, with the clean set
+            after the hold-out) before and after unlearning, and with ``rounds="auto"``
+            after every round: the run stops once the scan finds no backdoor (and the
+            accuracy limit holds). The report's ``scan_before`` / ``scan_after`` hold the
+            verdicts. ``False``: no scan (the universal-perturbation rate decides ``"auto"``).
+        scan_settings: keyword arguments of :class:`ibau.scanning.MaskScan` (e.g. ``steps``).
         **ibau_kwargs: settings of :class:`ibau.IBAU` (``norm_bound``, ``outer_lr``, ...).
     """
     t_start = time.perf_counter()
@@ -140,10 +148,21 @@ def unlearn(
 
     sample_x = x_hold[:samples]
     measured: dict[str, Any] = {}
+    scanner = None
+    if scan:
+        from .scanning import MaskScan
+
+        scanner = MaskScan(**{"seed": seed, "progress": progress, **(scan_settings or {})})
+    x_scan, y_scan = x[clean_idx], y[clean_idx]
+
+    def scan_of(m: nn.Module) -> dict[str, Any]:
+        return scanner.run(m, x_scan, y_scan).as_dict()
 
     def before(net: nn.Module, xh: Tensor, yh: Tensor) -> None:
         measured["acc_before"] = holdout_accuracy(net, xh, yh)
         measured["rob_before"], measured["udelta_before"] = robustness(net)
+        if scanner is not None:
+            measured["scan_before"] = scan_of(net)
         measured["preds_before"] = {"clean": predict(net, sample_x),
                                     "perturbed": predict(net, sample_x + measured["udelta_before"])}
 
@@ -151,10 +170,15 @@ def unlearn(
     # the last round within the accuracy limit (rounds >= 1 only: never roll back to the poisoned model)
     kept: dict[str, Any] = {"state": None, "round": None}
 
-    def extra(m: nn.Module) -> dict[str, float]:
+    def extra(m: nn.Module) -> dict[str, Any]:
         if rounds != "auto":
             return {}
-        return {"universal_success_rate": robustness(defense.wrap(m))[0]["success_rate"]}
+        out: dict[str, Any] = {"universal_success_rate": robustness(defense.wrap(m))[0]["success_rate"]}
+        if scanner is not None:
+            verdict = scan_of(defense.wrap(m))
+            out.update(scan_backdoored=verdict["backdoored"], scan_score=verdict["score"],
+                       scan_target_classes=verdict["target_classes"])
+        return out
 
     def stop_when(rec: dict) -> str | bool:
         if rounds != "auto":
@@ -169,7 +193,10 @@ def unlearn(
             return (f"accuracy limit: round {rec['round']} lost {100 * lost:.1f} points "
                     f"of held-out accuracy (limit {100 * max_accuracy_drop:g})")
         kept.update(round=rec["round"], state={k: v.detach().clone() for k, v in model.state_dict().items()})
-        if s < threshold:
+        if scanner is not None:
+            if not rec["scan_backdoored"]:
+                return f"scan: no backdoor found after round {rec['round']} (score {rec['scan_score']:.2f})"
+        elif s < threshold:
             return f"robust: universal-perturbation success {s:.1%} is below the threshold {threshold:.0%}"
         if min_improvement is not None and s > best[0] - min_improvement:
             return (f"stopped improving: universal-perturbation success {s:.1%} after round {rec['round']} "
@@ -204,6 +231,9 @@ def unlearn(
     net = defense.wrap(model)
     rob_before, udelta_before = measured["rob_before"], measured["udelta_before"]
     rob_after, udelta_after = robustness(net)
+    scans = {}
+    if scanner is not None:
+        scans = {"scan_before": measured["scan_before"], "scan_after": scan_of(net)}
     preds_after = {"clean": predict(net, sample_x), "perturbed_before_delta": predict(net, sample_x + udelta_before)}
     warnings = list(outcome["warnings"])
     if rob_after["success_rate"] >= threshold:
@@ -215,8 +245,9 @@ def unlearn(
         config={**defense.config(), "recipe": recipe, "rounds": rounds, "max_rounds": max_rounds,
                 "threshold": threshold, "max_accuracy_drop": max_accuracy_drop,
                 "min_improvement": min_improvement, "robustness_passes": robustness_passes,
-                "robustness_images": len(search), "holdout": holdout, "seed": seed, "robustness_bound": bound},
-        robustness_before=rob_before, robustness_after=rob_after, clean_set_size=len(clean_idx),
+                "robustness_images": len(search), "holdout": holdout, "seed": seed, "robustness_bound": bound,
+                "scan": scanner.config() if scanner is not None else None},
+        robustness_before=rob_before, robustness_after=rob_after, **scans, clean_set_size=len(clean_idx),
         rounds=len(outcome["history"]), kept_round=outcome["kept_round"], stop_reason=outcome["stop_reason"],
         seconds=time.perf_counter() - t_start, seconds_unlearning=run.result.seconds, history=outcome["history"],
         samples={"labels": y_hold[:samples].tolist(),

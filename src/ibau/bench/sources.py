@@ -163,7 +163,8 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def trained_model(entry: dict[str, Any], dataset: str, data_dir: str | None, cache: Path, device: torch.device,
                   num_classes: int, seed_default: int = 0, progress: bool = False) -> tuple[nn.Module, Attack, dict]:
-    """Train (or load from the cache) the poisoned model an entry describes."""
+    """Train (or load from the cache) the poisoned model an entry describes; ``attack = { clean = true }``
+    trains a clean model of the recipe, returned with ``None`` for the attack."""
     from ..io import load_weights, save_weights, write_json
     from ..poisoning import subset
     from . import data as bdata
@@ -196,6 +197,9 @@ def trained_model(entry: dict[str, Any], dataset: str, data_dir: str | None, cac
             save_weights(m, cpath, force=True)
             return m.eval()
 
+    if recipe["attack"].get("clean"):  # a clean model of the recipe (e.g. for the scan's zoo): no attack
+        return clean_model(), None, {"cache_key": model_cache_key({**entry, "train": {**recipe, "attack": {"clean": True}}},
+                                                                  dataset), "clean": True}
     manifest = folder / f"{key}.attack.json"
     with file_lock(folder / f"{key}.lock"):
         model = fresh()

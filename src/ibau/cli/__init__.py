@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import bench, defend, demo, evaluate, poison, unlearn  # noqa: F401  (they register themselves)
+from . import bench, defend, demo, evaluate, poison, scan, unlearn  # noqa: F401  (they register themselves)
 from .options import COMMANDS, CommandLineError, build_parser
 
 __all__ = ["main", "build_parser", "COMMANDS"]

@@ -185,12 +185,13 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
 
 
 def finish(args: argparse.Namespace, written) -> int:
-    """Print a job's lines and the files it wrote; exit status 0."""
+    """Print a job's lines and the files it wrote; return the job's exit status (0 unless
+    the job says otherwise, e.g. ``ibau scan``'s 1 for a backdoor found)."""
     for line in written.lines:
         print(line)
     for what, path in written.files.items():
         print(f"{what}: {path}")
-    return 0
+    return written.status
 
 
 def log_of(args: argparse.Namespace) -> list[Path]:

@@ -37,7 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: {defaults['threshold']})")
     r.add_argument("--robustness-bound", type=optional_float,
                    help="l2 bound of the universal-perturbation search (default: the I-BAU bound)")
-    run_options(p, seed_help="seed of the split, I-BAU and the robustness search (default: 0)")
+    sc = p.add_argument_group("backdoor scan (ibau scan, before and after; --rounds auto stops when it finds none)")
+    sc.add_argument("--scan", action=argparse.BooleanOptionalAction, default=defaults["scan"],
+                    help="scan the model before and after unlearning (default: on)")
+    sc.add_argument("--scan-steps", type=INT, default=argparse.SUPPRESS,
+                    help="optimisation steps of each scan (default: ibau.scanning.MaskScan's)")
+    run_options(p, seed_help="seed of the split, I-BAU, the robustness search and the scan (default: 0)")
     ibau_options(p)
 
 
@@ -49,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
                           report_dir=args.report_dir, force=args.force, holdout=args.holdout, rounds=args.rounds,
                           max_rounds=args.max_rounds, threshold=args.threshold,
                           max_accuracy_drop=args.max_accuracy_drop, recipe=args.recipe,
-                          robustness_bound=args.robustness_bound, seed=args.seed, device=args.device,
+                          robustness_bound=args.robustness_bound, scan=args.scan,
+                          scan_settings={"steps": args.scan_steps} if hasattr(args, "scan_steps") else None,
+                          seed=args.seed, device=args.device,
                           progress=not args.quiet, ibau_settings=ibau_settings(args), log=log_of(args))
     return finish(args, written)

@@ -18,7 +18,7 @@ from ..errors import InputError, check_choice, check_int, check_number
 from .inputs import DataSource, ModelSource, load_inputs, resolve_device, seed_everything
 from .outputs import Outputs
 
-__all__ = ["defaults_of", "unlearn_job", "defend_job", "poison_job", "evaluate_job", "Written", "parse_holdout", "parse_rounds",
+__all__ = ["defaults_of", "unlearn_job", "defend_job", "poison_job", "evaluate_job", "scan_job", "Written", "parse_holdout", "parse_rounds",
            "ibau_settings_check"]
 
 
@@ -29,6 +29,7 @@ class Written:
     report: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
+    status: int = 0  # the command's exit status (``ibau scan``: 1 when a backdoor is found)
 
 
 def _is_main() -> bool:
@@ -110,7 +111,8 @@ def unlearn_job(model: ModelSource, data: DataSource, *, out: Path, report: Path
                 force: bool = False, holdout: Any = _U["holdout"], rounds: Any = _U["rounds"],
                 max_rounds: int | None = _U["max_rounds"], threshold: float = _U["threshold"],
                 max_accuracy_drop: float = _U["max_accuracy_drop"], recipe: str = _U["recipe"],
-                robustness_bound: float | None = _U["robustness_bound"], seed: int = _U["seed"], device: Any = "auto",
+                robustness_bound: float | None = _U["robustness_bound"], scan: bool = _U["scan"],
+                scan_settings: dict[str, Any] | None = None, seed: int = _U["seed"], device: Any = "auto",
                 progress: bool = True, ibau_settings: dict[str, Any] | None = None,
                 log: list[Path] | None = None) -> Written:
     """``ibau unlearn``: sanitise ``model`` with I-BAU on ``data``; write weights and reports."""
@@ -146,7 +148,7 @@ def unlearn_job(model: ModelSource, data: DataSource, *, out: Path, report: Path
         settings["normalize"] = inputs.normalize
     result = unlearn(inputs.model, inputs.x, inputs.y, holdout=holdout, rounds=rounds, max_rounds=max_rounds,
                      threshold=threshold, max_accuracy_drop=max_accuracy_drop, recipe=recipe, seed=seed,
-                     progress=progress, robustness_bound=robustness_bound,
+                     progress=progress, robustness_bound=robustness_bound, scan=scan, scan_settings=scan_settings,
                      **settings)
     rep = result.report
     rep["inputs"] = inputs.info
@@ -344,31 +346,76 @@ def _state_bytes(model) -> int:
 
 
 # ----------------------------------------------------------------------------- evaluate
-def evaluate_job(model: ModelSource, data: DataSource, *, manifest: Path, json_out: Path | None = None,
+def evaluate_job(model: ModelSource, data: DataSource, *, manifest: Path | None = None,
+                 trigger_image: Path | None = None, trigger_mode: str | None = None, mask: Path | None = None,
+                 alpha: float | None = None, target: int | None = None, json_out: Path | None = None,
                  force: bool = False, device: Any = "auto", seed: int = 0, log: list[Path] | None = None) -> Written:
     """``ibau evaluate``: clean accuracy, attack success rate and robust accuracy of
-    ``model`` under the attack a manifest describes."""
-    from ..attacks.manifest import load_manifest
+    ``model`` under the attack a manifest describes, or under a known trigger
+    (:class:`~ibau.attacks.ImageTrigger`: ``trigger_image`` stamped with ``trigger_mode``
+    ``"mask"`` (with ``mask``), ``"blend"`` (with ``alpha``) or ``"additive"``, sending images
+    to ``target``). Give exactly one of ``manifest`` and ``trigger_image``. The metrics are
+    the same either way; a trigger's description (files, SHA-256, mode, alpha, target) is
+    the report's ``trigger``."""
     from ..io import write_json
     from ..poisoning import evaluate_attack
 
-    _, described = load_manifest(manifest)  # its schema and trigger file, before anything else
-    plan = _plan(force, model, data, [(manifest, "manifest")], log=log)
-    if described.get("trigger_file"):  # the trigger tensors are an input too
-        plan.add_input(Path(manifest).parent / described["trigger_file"], "trigger file")
+    if (manifest is None) == (trigger_image is None):
+        raise InputError("give either an attack manifest (from ibau poison) or a trigger image"
+                         + (", not both" if manifest is not None else ""))
+    plan = _plan(force, model, data, log=log)
+    if manifest is not None:
+        from ..attacks.manifest import load_manifest
+
+        extra = {k: v for k, v in (("trigger_mode", trigger_mode), ("mask", mask), ("alpha", alpha),
+                                   ("target", target)) if v is not None}
+        if extra:
+            raise InputError(f"{', '.join(extra)} go with a trigger image; a manifest names its own trigger and target")
+        _, described = load_manifest(manifest)  # its schema and trigger file, before anything else
+        plan.add_input(manifest, "manifest")
+        if described.get("trigger_file"):  # the trigger tensors are an input too
+            plan.add_input(Path(manifest).parent / described["trigger_file"], "trigger file")
+    else:
+        from ..attacks.user_trigger import check_trigger_settings
+
+        if trigger_mode is None:
+            raise InputError("a trigger image needs a mode: 'mask' (with a mask), 'blend' (with alpha) or 'additive'")
+        check_trigger_settings(trigger_mode, alpha=alpha, mask=mask)
+        if target is None:
+            raise InputError("a trigger image needs the target class its triggered images are sent to (target)")
+        check_int("target", target, low=0)
+        for path, what in ((trigger_image, "trigger image"), (mask, "trigger mask")):
+            if path is not None:
+                if not Path(path).is_file():
+                    raise InputError(f"{what} file not found: {path}")
+                plan.add_input(path, what)
     json_out = plan.add(json_out, "metrics file")
     plan.check()
     resolve_device(device)
     inputs = load_inputs(model, data, device=device, seed=seed, min_size=1)
-    attack, _ = load_manifest(manifest, num_classes=inputs.num_classes, image_shape=tuple(inputs.x.shape[1:]))
+    shape = tuple(inputs.x.shape[1:])
+    if manifest is not None:
+        attack, _ = load_manifest(manifest, num_classes=inputs.num_classes, image_shape=shape)
+    else:
+        from ..attacks.user_trigger import ImageTrigger
+
+        if not 0 <= target < inputs.num_classes:
+            raise InputError(f"target {target} is not a class of the model: it must lie in [0, {inputs.num_classes})")
+        attack = ImageTrigger(trigger_image, target=target, mode=trigger_mode, mask=mask, alpha=alpha,
+                              image_shape=shape, num_classes=inputs.num_classes)
+        if not bool((inputs.y != target).any()):
+            raise InputError(f"every image of the data is of the target class {target}: the attack success rate "
+                             "is measured on the images of the other classes")
     net = inputs.model.eval()
     if inputs.normalize is not None:
         from ..models import Normalized
 
         net = Normalized(net, *inputs.normalize)
     metrics = evaluate_attack(net, attack, inputs.x, inputs.y)
-    result = {"weights": str(model.weights), "manifest": str(manifest), "data": str(data.spec),
-              "images": len(inputs.x), **metrics}
+    result = {"weights": str(model.weights), "manifest": None if manifest is None else str(manifest),
+              "data": str(data.spec), "images": len(inputs.x), **metrics}
+    if trigger_image is not None:
+        result["trigger"] = attack.describe()
     written = Written(report=result)
     if json_out is not None and _is_main():
         write_json(result, json_out, force=force)
@@ -376,4 +423,44 @@ def evaluate_job(model: ModelSource, data: DataSource, *, manifest: Path, json_o
         written.files = {"metrics": json_out}
     written.lines = [f"ACC {100 * metrics['acc']:.2f}%  ASR {100 * metrics['asr']:.2f}%"
                      + (f"  RA {100 * metrics['ra']:.2f}%" if "ra" in metrics else "") + f"  ({len(inputs.x)} images)"]
+    return written
+
+
+# ----------------------------------------------------------------------------- scan
+def scan_job(model: ModelSource, data: DataSource, *, report: Path | None = None, report_dir: Path | None = None,
+             force: bool = False, seed: int = 0, device: Any = "auto", progress: bool = True,
+             settings: dict[str, Any] | None = None, log: list[Path] | None = None) -> Written:
+    """``ibau scan``: is ``model`` backdoored? A verdict from clean ``data`` alone; the JSON
+    report and, in ``report_dir``, the reversed trigger(s) as tensors and PNGs and a report.md."""
+    from ..io import write_json
+    from ..scanning import scan
+    from ..utils import environment
+
+    plan = _plan(force, model, data, log=log)
+    report = plan.add(report, "report")
+    report_dir = plan.add(report_dir, "report folder", folder=True)
+    plan.check()
+    check_int("seed", seed, low=0, high=2**63 - 1)
+    resolve_device(device)
+    settings = dict(settings or {})
+    inputs = load_inputs(model, data, device=device, seed=seed)
+    if inputs.normalize is not None:
+        settings["normalize"] = inputs.normalize
+    result = scan(inputs.model, inputs.x, inputs.y, seed=seed, progress=progress, **settings)
+    rep = {**result.as_dict(), "inputs": inputs.info, "versions": environment()}
+    written = Written(report=rep)
+    written.lines = [result.summary()]
+    written.status = 1 if result.backdoored else 0
+    if not _is_main():
+        return written
+    if report_dir is not None:
+        from ..report import write_scan_dir
+
+        write_scan_dir(report_dir, rep, result.triggers, force=force)
+        plan.wrote(report_dir)
+        written.files["scan report folder"] = report_dir
+    if report is not None:
+        write_json(rep, report, force=force)
+        plan.wrote(report)
+        written.files["report"] = report
     return written

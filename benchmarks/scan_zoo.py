@@ -1,0 +1,209 @@
+"""The detection benchmark of ``ibau scan`` (issue 14): scan a zoo of backdoored and clean
+models and report AUROC, the true-positive rate at 5% false positives, the share of
+one-target models whose target is named, and seconds per model.
+
+Usage (from the project root)::
+
+    python benchmarks/scan_zoo.py train  [--data-dir ../shared/data] [--cache /tmp/cache] [--workers 2]
+    python benchmarks/scan_zoo.py scan   [--data-dir ../shared/data] [--cache /tmp/cache] [--only NAME ...]
+    python benchmarks/scan_zoo.py report
+
+``train`` builds the trained models of the zoo through the grid's model cache (the same recipe
+gives the same weights on one machine); ``scan`` writes one JSON per model under
+``benchmarks/results/scan_zoo/`` (the scan's report, the attack's ASR on held-out images,
+config, versions, timings); ``report`` generates ``benchmarks/results/scan_zoo.md`` from those
+files only. Scan timings are meant to be taken alone (``--threads 2``, nothing else running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+CONFIG = ROOT / "configs" / "scan_zoo.toml"
+RESULTS = ROOT / "results" / "scan_zoo"
+REPORT = ROOT / "results" / "scan_zoo.md"
+
+
+def _zoo(data_dir: str, cache: str) -> tuple[dict, dict]:
+    from ibau.bench.spec import read_toml, substitute
+
+    raw = read_toml(CONFIG, "zoo file")
+    models = substitute(raw["models"], {"data": data_dir, "cache": cache})
+    return raw["scan"], models
+
+
+def _load(name: str, entry: dict, data_dir: str, cache: str, x_like):
+    import torch
+
+    from ibau.bench import data as bdata
+    from ibau.bench.sources import load_model
+
+    return load_model({"name": name, **entry}, entry["dataset"], data_dir, Path(cache), torch.device("cpu"),
+                      bdata.NUM_CLASSES[entry["dataset"]], x_like)
+
+
+def _train_one(args: tuple[str, dict, str, str, int]) -> str:
+    import torch
+
+    name, entry, data_dir, cache, threads = args
+    torch.set_num_threads(threads)
+    from ibau.bench import data as bdata
+
+    x = bdata.load(entry["dataset"], data_dir, "test")["x"][:2]
+    t0 = time.perf_counter()
+    _load(name, entry, data_dir, cache, x)
+    return f"{name}: ready ({time.perf_counter() - t0:.0f} s)"
+
+
+def train(args) -> None:
+    import multiprocessing as mp
+
+    _, models = _zoo(args.data_dir, args.cache)
+    todo = [(n, e, args.data_dir, args.cache, 1) for n, e in models.items() if "train" in e
+            and (not args.only or n in args.only)]
+    if args.workers <= 1:
+        for t in todo:
+            print(_train_one(t), flush=True)
+        return
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        for line in pool.imap_unordered(_train_one, todo):
+            print(line, flush=True)
+
+
+def _targets(attack) -> list[int] | str | None:
+    """The attack's target class(es): a list, ``"all"`` for all-to-all, ``None`` for a clean model."""
+    if attack is None:
+        return None
+    if getattr(attack, "name", "") == "all_to_all" or type(attack).__name__ == "AllToAll":
+        return "all"
+    targets = getattr(attack, "targets", None)
+    if targets is not None:
+        return sorted({int(t) for t in targets})
+    return [int(attack.target)]
+
+
+def scan(args) -> None:
+    import torch
+
+    import ibau
+    from ibau.bench import data as bdata
+    from ibau.bench.tasks import _metrics
+    from ibau.io import write_json
+    from ibau.utils import environment
+
+    torch.set_num_threads(args.threads)
+    settings, models = _zoo(args.data_dir, args.cache)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, entry in models.items():
+        if args.only and name not in args.only:
+            continue
+        out = RESULTS / f"{name}.json"
+        if out.exists() and not args.force:
+            print(f"{name}: done already", flush=True)
+            continue
+        protocol = {"clean_size": settings["clean_size"], "split_seed": settings["split_seed"],
+                    "eval_size": settings["eval_size"]}
+        (xc, yc), (xe, ye) = bdata.protocol_split(entry["dataset"], args.data_dir, protocol)
+        model, attack, source = _load(name, entry, args.data_dir, args.cache, xe)
+        measured = _metrics(model, attack, xe, ye, 500) if attack is not None else _metrics(model, None, xe, ye, 500)
+        t0 = time.perf_counter()
+        result = ibau.scan(model, xc, yc, seed=args.seed, progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+        record = {"model": name, "entry": {k: v for k, v in entry.items()}, "source": source,
+                  "truth": {"backdoored": attack is not None, "targets": _targets(attack)},
+                  "before": measured, "scan": result.as_dict(), "seconds": seconds,
+                  "threads": torch.get_num_threads(), "clean_size": len(xc), "versions": environment()}
+        write_json(record, out, force=True)
+        verdict = "BACKDOOR" if result.backdoored else "clean"
+        print(f"{name}: {verdict} targets={result.target_classes} score={result.score:.2f} "
+              f"truth={record['truth']} {seconds:.0f} s", flush=True)
+
+
+def _auroc(pos: list[float], neg: list[float]) -> float:
+    """Probability that a backdoored model scores above a clean one (ties count half)."""
+    if not pos or not neg:
+        return math.nan
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def _tpr_at(pos: list[float], neg: list[float], fpr: float) -> float:
+    """True-positive rate at the lowest score threshold whose false-positive rate is <= ``fpr``."""
+    if not pos or not neg:
+        return math.nan
+    allowed = math.floor(fpr * len(neg))
+    ranked = sorted(neg, reverse=True)
+    threshold = ranked[allowed] if allowed < len(ranked) else -math.inf  # scores must exceed this
+    return sum(p > threshold for p in pos) / len(pos)
+
+
+def report(args) -> None:
+    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    if not records:
+        sys.exit("no results: run `python benchmarks/scan_zoo.py scan` first")
+    pos = [r["scan"]["score"] for r in records if r["truth"]["backdoored"]]
+    neg = [r["scan"]["score"] for r in records if not r["truth"]["backdoored"]]
+    flagged_clean = [r["model"] for r in records if not r["truth"]["backdoored"] and r["scan"]["backdoored"]]
+    found = [r for r in records if r["truth"]["backdoored"] and r["scan"]["backdoored"]]
+    one_target = [r for r in records if isinstance(r["truth"]["targets"], list) and len(r["truth"]["targets"]) == 1]
+    named = [r for r in one_target if r["scan"]["backdoored"] and r["truth"]["targets"][0] in r["scan"]["target_classes"]]
+    secs = [r["seconds"] for r in records]
+    lines = [
+        "# `ibau scan`: detection benchmark (issue 14)", "",
+        f"Generated by `python benchmarks/scan_zoo.py report` from {len(records)} JSON files in "
+        "`benchmarks/results/scan_zoo/` (models: `benchmarks/configs/scan_zoo.toml`).", "",
+        "Each model is scanned with 1,000 clean test images it was not trained on (CIFAR-10: seeded lossy "
+        "test images); the attack's ASR is measured on 500 other images for the record. Score: the scan's "
+        "score (higher = more suspicious); verdict at the scan's default threshold.", "",
+        "| measure | value |", "|---|---|",
+        f"| backdoored / clean models | {len(pos)} / {len(neg)} |",
+        f"| AUROC (score) | {_auroc(pos, neg):.3f} |",
+        f"| true-positive rate at 5% false positives | {_tpr_at(pos, neg, 0.05):.2f} |",
+        f"| backdoored models flagged (default threshold) | {len(found)}/{len(pos)} |",
+        f"| clean models flagged (default threshold) | {len(flagged_clean)}/{len(neg)}"
+        + (f" ({', '.join(flagged_clean)})" if flagged_clean else "") + " |",
+        f"| one-target models whose target is named | {len(named)}/{len(one_target)} |",
+        f"| seconds per model (mean / max) | {sum(secs) / len(secs):.0f} / {max(secs):.0f} |",
+        "", "| model | dataset | truth | ACC / ASR (%) | verdict | named classes | score | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        t = r["truth"]
+        truth = "clean" if not t["backdoored"] else f"backdoor → {t['targets']}"
+        b = r["before"]
+        asr = f"{100 * b['asr']:.1f}" if b.get("asr") is not None else "-"
+        verdict = "backdoor" if r["scan"]["backdoored"] else "clean"
+        lines.append(f"| {r['model']} | {r['entry']['dataset']} | {truth} | {100 * b['acc']:.1f} / {asr} | {verdict} | "
+                     f"{r['scan']['target_classes']} | {r['scan']['score']:.2f} | {r['seconds']:.0f} |")
+    env = sorted({(r["versions"].get("torch"), r["versions"].get("ibau"), r["threads"]) for r in records})
+    lines += ["", f"Environments (torch, ibau, threads): {env}.", ""]
+    tmp = REPORT.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, REPORT)
+    print(f"wrote {REPORT}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("action", choices=["train", "scan", "report"])
+    p.add_argument("--data-dir", default=str(ROOT.parent.parent / "shared" / "data"))
+    p.add_argument("--cache", default="/tmp/cache")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="*")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    {"train": train, "scan": scan, "report": report}[args.action](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""``ibau scan``: is this model backdoored? A verdict from clean images alone.
+
+Exit status like a virus scanner: 0 no backdoor found, 1 backdoor found, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import INT, FLOAT, command, data_options, data_source, finish, log_of, model_options, model_source, \
+    run_options
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..scanning import MaskScan
+
+    d = MaskScan()
+    model_options(p)
+    data_options(p, holdout=None)
+    o = p.add_argument_group("output")
+    o.add_argument("--report", type=Path, help="JSON report (verdict, score, target classes, per-class statistics)")
+    o.add_argument("--report-dir", type=Path,
+                   help="also write the reversed trigger(s) (tensors and PNGs) and a report.md here")
+    o.add_argument("--force", action="store_true", help="replace existing outputs (never an input)")
+    s = p.add_argument_group("scan settings (see help(ibau.scanning.MaskScan))")
+    s.add_argument("--threshold", type=FLOAT, default=argparse.SUPPRESS,
+                   help=f"anomaly index above which a class is flagged (default: {d.threshold:g})")
+    s.add_argument("--steps", type=INT, default=argparse.SUPPRESS,
+                   help=f"optimisation steps of the trigger search (default: {d.steps})")
+    run_options(p, seed_help="seed of the trigger search (default: 0)")
+
+
+@command("scan", "tell whether a model is backdoored, from clean images alone (exit status 0: no backdoor found, "
+                 "1: backdoor found, 2: bad input)", add_arguments)
+def run(args: argparse.Namespace) -> int:
+    from ..jobs.commands import scan_job
+
+    settings = {k: getattr(args, k) for k in ("threshold", "steps") if hasattr(args, k)}
+    written = scan_job(model_source(args), data_source(args), report=args.report, report_dir=args.report_dir,
+                       force=args.force, seed=args.seed, device=args.device, progress=not args.quiet,
+                       settings=settings, log=log_of(args))
+    return finish(args, written)

@@ -1,0 +1,286 @@
+"""Backdoor detection without the trigger: :func:`scan` and :class:`MaskScan`.
+
+A backdoored classifier has a shortcut to its target class: a small stamp -- a mask ``m``
+and a pattern ``p``, ``x' = (1 - m) x + m p`` -- sends most images there, while reaching
+any other class takes a much larger change. Neural Cleanse (Wang et al., IEEE S&P 2019)
+reverse-engineers the smallest such stamp for every class and calls a class suspicious
+when its mask's l1 norm is an outlier on the small side (MAD anomaly index). K-Arm
+(Shen et al., ICML 2021) spends the search budget on the most suspicious classes instead
+of all of them equally.
+
+:class:`MaskScan` is that search made cheap enough for a CPU: every class's mask and
+pattern are optimised *together*, one forward pass over the stamped copies of a batch for
+all classes at once, with a per-class cost on the mask's norm adapted every few steps
+(Neural Cleanse's rule), for a fixed number of steps. After ``explore_steps`` steps only
+the ``keep`` classes with the smallest masks go on being optimised (K-Arm's idea); the
+others keep the norm they reached. The verdict compares the smallest mask with the others:
+``score`` is its anomaly index, and the model is flagged when the score exceeds
+``threshold``. The classes flagged (``target_classes``) are those whose index exceeds the
+threshold on the small side.
+
+What it can and cannot see (measured in ``benchmarks/results/scan_zoo.md``): patch and
+sparse triggers (BadNets, Trojan square / watermark, l0-invisible) give a mask far smaller
+than any natural class change; triggers that cover the whole image (blend, l2-invisible,
+warping, input-aware) and all-to-all backdoors (every class has a small mask, so none is an
+outlier) are what mask-based scanners are known to miss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .defenses._common import mad_anomaly_index
+from .defenses.base import _wrap, check_images, check_labels
+from .errors import InputError, check_int, check_number
+from .metrics import model_device
+from .models.fuse import fold_batchnorm
+from .perturbation import check_normalize
+
+__all__ = ["scan", "MaskScan", "ScanResult", "SCANNERS"]
+
+
+@dataclass
+class ScanResult:
+    """The verdict of a scan.
+
+    ``backdoored``: whether the model is flagged; ``score`` (higher = more suspicious) and
+    the ``threshold`` it was compared with; ``target_classes``: the suspected target(s),
+    empty when none is found; ``per_class``: one dict per scanned class (mask norm, attack
+    success of its reversed stamp, anomaly index...); ``triggers``: class -> ``{"mask":
+    (1, H, W), "pattern": (C, H, W)}`` for the suspected classes (all classes with
+    ``keep_all_triggers``); ``seconds``; ``config``: the scanner's settings.
+    """
+
+    backdoored: bool
+    score: float
+    threshold: float
+    target_classes: list[int]
+    per_class: list[dict[str, Any]]
+    seconds: float
+    method: str
+    config: dict[str, Any] = field(default_factory=dict)
+    triggers: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything but the trigger tensors, as plain JSON-able data."""
+        return {"backdoored": self.backdoored, "score": self.score, "threshold": self.threshold,
+                "target_classes": list(self.target_classes), "per_class": self.per_class,
+                "seconds": self.seconds, "method": self.method, "config": self.config}
+
+    def summary(self) -> str:
+        """One line: verdict, suspected target class(es), score, seconds."""
+        if self.backdoored:
+            head = "backdoor found -> class " + ", ".join(str(c) for c in self.target_classes)
+        else:
+            head = "no backdoor found"
+        return f"{head} (score {self.score:.2f}, threshold {self.threshold:g}, {self.seconds:.0f} s)"
+
+
+class MaskScan:
+    """Batched mask-and-pattern trigger search over all classes (Neural Cleanse's objective,
+    K-Arm's budget allocation), with a MAD anomaly index on the masks' l1 norms.
+
+    For every class ``k`` it minimises ``CE(f((1 - m_k) x + m_k p_k), k) + c_k ||m_k||_1``
+    over the images of other classes, ``m_k`` (1 x H x W) and ``p_k`` (C x H x W) both
+    parameterised as ``(tanh(.) + 1) / 2``, with Adam (lr 0.1, betas 0.5 / 0.9: Neural
+    Cleanse's). Every ``patience`` steps the cost ``c_k`` is multiplied by
+    ``cost_multiplier`` when the stamp sent at least ``success`` of the batch images to ``k``
+    over those steps, and divided by ``cost_multiplier ** 1.5`` otherwise. A class's norm is
+    the smallest mask norm seen at a check that reached ``success`` (or the last one, marked
+    ``reached: false``).
+
+    Differences from Neural Cleanse (whose detector it reproduces in spirit), each for speed:
+    all classes share each forward pass; the budget is ``steps`` steps of ``batch_size``
+    images per class (Neural Cleanse: up to 1,000 epochs of 1,000 images per class); the
+    cost adapts every ``patience`` steps instead of every epoch; after ``explore_steps``
+    only the ``keep`` smallest masks are optimised further (K-Arm).
+
+    Args:
+        steps: optimisation steps in all.
+        explore_steps: steps during which every class is optimised (default: a third of ``steps``);
+            fewer than ``steps``, so that the kept classes are compared after the same longer search.
+        keep: classes optimised after ``explore_steps``.
+        batch_size: clean images per step after ``explore_steps`` (each stamped once per kept class).
+        explore_images: stamped images per step while every class is optimised: each class
+            gets ``max(2, explore_images // classes)`` images (at most ``batch_size``).
+        lr: Adam learning rate.
+        init_cost: starting weight of the mask's l1 norm.
+        cost_multiplier: cost up factor (down: its 1.5th power).
+        patience: steps between cost updates (and between norm checks).
+        success: share of images sent to the class for a stamp to count as working.
+        threshold: anomaly index above which the smallest mask is flagged (Neural Cleanse: 2).
+        normalize: ``(mean, std)`` when the model expects normalised inputs.
+        seed: seeds the batches and the starting masks.
+        progress: a progress bar on stderr.
+    """
+
+    name = "mask"
+
+    def __init__(self, *, steps: int = 300, explore_steps: int | None = None, keep: int = 3, batch_size: int = 24,
+                 explore_images: int = 240,
+                 lr: float = 0.1, init_cost: float = 1e-3, cost_multiplier: float = 1.5, patience: int = 10,
+                 success: float = 0.9, threshold: float = 2.0, normalize: tuple | None = None, seed: int = 0,
+                 progress: bool = True):
+        self.steps = check_int("steps", steps, low=3)
+        explore_steps = steps // 3 if explore_steps is None else explore_steps
+        self.explore_steps = check_int("explore_steps", explore_steps, low=1, high=self.steps - 1)
+        self.keep = check_int("keep", keep, low=2)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+        self.explore_images = check_int("explore_images", explore_images, low=1)
+        self.lr = check_number("lr", lr, low=0, low_open=True)
+        self.init_cost = check_number("init_cost", init_cost, low=0, low_open=True)
+        self.cost_multiplier = check_number("cost_multiplier", cost_multiplier, low=1, low_open=True)
+        self.patience = check_int("patience", patience, low=1)
+        self.success = check_number("success", success, low=0, low_open=True, high=1)
+        self.threshold = check_number("threshold", threshold, low=0, low_open=True)
+        self.normalize = check_normalize(normalize)
+        self.seed = check_int("seed", seed)
+        self.progress = progress
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.name, "steps": self.steps, "explore_steps": self.explore_steps, "keep": self.keep,
+                "batch_size": self.batch_size, "explore_images": self.explore_images, "lr": self.lr, "init_cost": self.init_cost,
+                "cost_multiplier": self.cost_multiplier, "patience": self.patience, "success": self.success,
+                "threshold": self.threshold, "seed": self.seed}
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> ScanResult:
+        """Scan ``model`` with clean images ``x`` (N, C, H, W in [0, 1]) and labels ``y``;
+        the model is not changed."""
+        from tqdm.auto import tqdm
+
+        x, y = check_images(x, y, min_size=2)
+        num_classes = check_labels(model, x, y)
+        if num_classes < 3:
+            raise InputError("scan: the outlier test needs a model with at least 3 classes")
+        t0 = time.perf_counter()
+        base = _wrap(model, self.normalize)
+        was = base.training
+        base.eval()
+        # only input gradients are needed: BatchNorm folded into the convolutions computes the same function faster
+        net = fold_batchnorm(base, channels_last=model_device(base).type == "cpu")
+        flags = [p.requires_grad for p in base.parameters()]
+        for p in base.parameters():
+            p.requires_grad_(False)
+        try:
+            norms, reached, rates, tensors, explored, kept = self._search(net, x, y, num_classes, tqdm)
+        finally:
+            for p, f in zip(base.parameters(), flags):
+                p.requires_grad_(f)
+            base.train(was)
+        # the outlier test of Neural Cleanse, on the norms every class reached with the same budget
+        index = mad_anomaly_index(torch.tensor(explored, dtype=torch.float64)).tolist()
+        # the verdict compares the classes that had the same, longer search: the largest kept norm over the smallest
+        ranked = sorted(kept, key=lambda k: norms[k])
+        score = norms[ranked[-1]] / max(norms[ranked[0]], 1e-12) if len(ranked) > 1 else 1.0
+        targets = [k for k in ranked if norms[k] * self.threshold <= norms[ranked[-1]]]
+        per_class = [{"class": k, "mask_l1": norms[k], "reached": reached[k], "success": rates[k],
+                      "explore_l1": explored[k], "anomaly_index": index[k], "kept": k in kept}
+                     for k in range(num_classes)]
+        suspects = targets or ranked[:1]
+        return ScanResult(backdoored=bool(targets), score=float(score), threshold=self.threshold,
+                          target_classes=targets, per_class=per_class, seconds=time.perf_counter() - t0,
+                          method=self.name, config=self.config(),
+                          triggers={k: tensors[k] for k in suspects})
+
+    def _search(self, net: nn.Module, x: Tensor, y: Tensor, num_classes: int, tqdm):
+        device = model_device(net)
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+        _, c, h, w = x.shape
+        g = torch.Generator().manual_seed(self.seed)
+        k_all = num_classes
+        m_raw = (torch.rand((k_all, 1, h, w), generator=g) * 2 - 1).mul(0.5).to(device, dtype).requires_grad_(True)
+        p_raw = (torch.rand((k_all, c, h, w), generator=g) * 2 - 1).mul(0.5).to(device, dtype).requires_grad_(True)
+        opt = torch.optim.Adam([m_raw, p_raw], lr=self.lr, betas=(0.5, 0.9))
+        cost = torch.full((k_all,), self.init_cost, dtype=torch.float64)
+        best = [math.inf] * k_all
+        best_state: list[tuple[Tensor, Tensor] | None] = [None] * k_all
+        last = [math.inf] * k_all
+        hits = torch.zeros(k_all, dtype=torch.float64)
+        seen = torch.zeros(k_all, dtype=torch.float64)
+        active = torch.arange(k_all)
+        classes_t = torch.arange(k_all, device=device)
+        bar = tqdm(range(self.steps), desc="scan: reversing triggers", disable=not self.progress, leave=False,
+                   unit="step")
+        for step in bar:
+            if step == self.explore_steps:
+                explored = [best[k] if best[k] < math.inf else last[k] for k in range(k_all)]
+                if len(active) > self.keep:
+                    order = sorted(active.tolist(), key=lambda k: (best[k], last[k]))
+                    active = torch.tensor(sorted(order[: self.keep]))
+            per_class = self.batch_size if step >= self.explore_steps else \
+                min(self.batch_size, max(2, self.explore_images // k_all))
+            idx = torch.randint(0, len(x), (min(per_class, len(x)),), generator=g)
+            xb, yb = x[idx].to(device, dtype), y[idx].to(device)
+            a = active.to(device)
+            mask = (torch.tanh(m_raw[a]) + 1) / 2  # (A, 1, H, W)
+            pattern = (torch.tanh(p_raw[a]) + 1) / 2  # (A, C, H, W)
+            stamped = (1 - mask[:, None]) * xb[None] + (mask * pattern)[:, None]  # (A, B, C, H, W)
+            logits = net(stamped.reshape(-1, c, h, w)).reshape(len(a), len(xb), -1)
+            target = classes_t[a][:, None].expand(-1, len(xb))
+            other = (yb[None, :] != target).to(dtype)  # images of the class itself do not count
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+            ce = (ce.reshape(len(a), -1) * other).sum(1) / other.sum(1).clamp(min=1)
+            l1 = mask.flatten(1).sum(1)
+            loss = (ce + cost[active].to(device, dtype) * l1).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                hit = ((logits.argmax(-1) == target).to(dtype) * other).sum(1).double().cpu()
+                hits[active] += hit
+                seen[active] += other.sum(1).double().cpu()
+                for j, k in enumerate(active.tolist()):
+                    last[k] = float(l1[j])
+            if (step + 1) % self.patience == 0:
+                rate = hits / seen.clamp(min=1)
+                for k in active.tolist():
+                    ok = rate[k] >= self.success
+                    if ok and last[k] < best[k]:
+                        best[k] = last[k]
+                        best_state[k] = (m_raw[k].detach().clone(), p_raw[k].detach().clone())
+                    cost[k] = cost[k] * self.cost_multiplier if ok else cost[k] / self.cost_multiplier ** 1.5
+                hits.zero_()
+                seen.zero_()
+        reached = [b < math.inf for b in best]
+        norms = [best[k] if reached[k] else last[k] for k in range(k_all)]
+        tensors, rates = {}, []
+        pick = torch.randperm(len(x), generator=g)[:500]
+        xs, ys = x[pick].to(device, dtype), y[pick].to(device)
+        for k in range(k_all):
+            mr, pr = best_state[k] if best_state[k] is not None else (m_raw[k].detach(), p_raw[k].detach())
+            mask, pattern = (torch.tanh(mr) + 1) / 2, (torch.tanh(pr) + 1) / 2
+            keep = ys != k
+            with torch.no_grad():
+                out = net((1 - mask) * xs[keep] + mask * pattern).argmax(1) if bool(keep.any()) else None
+            rates.append(float((out == k).float().mean()) if out is not None else 0.0)
+            tensors[k] = {"mask": mask.cpu(), "pattern": pattern.cpu()}
+        return norms, reached, rates, tensors, explored, active.tolist()
+
+
+#: name -> scanner class (``scan(method=...)``, ``ibau scan --method``)
+SCANNERS: dict[str, type] = {"mask": MaskScan}
+
+
+def scan(model: nn.Module, x: Tensor, y: Tensor, *, method: str = "mask", **settings: Any) -> ScanResult:
+    """Tell whether ``model`` is backdoored from clean images ``x`` and labels ``y`` alone.
+
+    ``method`` picks the scanner of :data:`SCANNERS` (default :class:`MaskScan`);
+    ``settings`` are its keyword arguments (e.g. ``seed``, ``steps``, ``normalize``,
+    ``progress``). The model is not changed.
+
+    Example::
+
+        >>> result = ibau.scan(model, x_clean, y_clean, seed=0)
+        >>> result.backdoored, result.target_classes, result.score
+    """
+    from .errors import check_choice
+
+    cls = SCANNERS[check_choice("method", method, tuple(SCANNERS))]
+    return cls(**settings).run(model, x, y)

@@ -1,0 +1,145 @@
+"""``ibau.scan`` and ``ibau scan``: a verdict from clean images alone, on planted backdoors in
+real digits (scikit-learn's bundled images) and on clean models of the same recipe."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ibau
+from ibau import testing as toy
+from ibau.cli import main
+from ibau.errors import InputError
+from ibau.scanning import MaskScan
+
+pytest.importorskip("sklearn")
+
+STEPS = 150  # measured on these models: scores 2.7-3.3 (backdoor) against 1.3-1.4 (clean) at 120 steps
+
+MODEL_DEF = "from ibau.models import SmallVGG\n\ndef digits_vgg(num_classes=10):\n" \
+            "    return SmallVGG(num_classes=num_classes, in_channels=1, image_size=8)\n"
+
+
+@pytest.fixture(scope="module")
+def scans():
+    """Each digits model's scan, once (seed 0, half the default steps: the fast tier's budget)."""
+    out = {}
+    for kind in ("one_target", "clean"):
+        d = toy.digits_backdoor(kind)
+        out[kind] = (d, ibau.scan(d["model"], d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False))
+    return out
+
+
+def test_scan_names_the_target_of_a_planted_backdoor_and_passes_a_clean_model(scans):
+    d, res = scans["one_target"]
+    assert res.backdoored and res.target_classes == [d["target"]]
+    assert res.score > res.threshold
+    by_class = {r["class"]: r for r in res.per_class}
+    # the target's reversed stamp is the smallest and works: most non-target images go to the target
+    assert min(by_class, key=lambda k: by_class[k]["mask_l1"]) == d["target"]
+    assert by_class[d["target"]]["success"] > 0.8
+    trig = res.triggers[d["target"]]
+    assert trig["mask"].shape == (1, 8, 8) and trig["pattern"].shape == (1, 8, 8)
+    assert "backdoor found -> class 0" in res.summary()
+
+    _, clean = scans["clean"]
+    assert not clean.backdoored and clean.target_classes == [] and clean.score < clean.threshold
+    assert clean.summary().startswith("no backdoor found")
+    assert res.score > 1.5 * clean.score
+
+
+def test_scan_is_seeded_and_leaves_the_model_alone():
+    d = toy.digits_backdoor("one_target")
+    before = {k: v.clone() for k, v in d["model"].state_dict().items()}
+    flags = [p.requires_grad for p in d["model"].parameters()]
+    a = ibau.scan(d["model"], d["x_clean"], d["y_clean"], seed=3, steps=60, progress=False)
+    b = ibau.scan(d["model"], d["x_clean"], d["y_clean"], seed=3, steps=60, progress=False)
+    c = ibau.scan(d["model"], d["x_clean"], d["y_clean"], seed=4, steps=60, progress=False)
+    strip = lambda r: {k: v for k, v in r.as_dict().items() if k != "seconds"}  # noqa: E731
+    assert strip(a) == strip(b) and strip(a) != strip(c)
+    assert all(torch.equal(v, before[k]) for k, v in d["model"].state_dict().items())
+    assert [p.requires_grad for p in d["model"].parameters()] == flags and not d["model"].training
+    assert sum(r["kept"] for r in a.per_class) == 3 and a.config["explore_steps"] == 20
+
+
+def test_scan_refuses_what_it_cannot_judge():
+    d = toy.digits_backdoor("clean")
+    with pytest.raises(InputError, match="method"):
+        ibau.scan(d["model"], d["x_clean"], d["y_clean"], method="oracle")
+    with pytest.raises(InputError, match="explore_steps"):
+        MaskScan(steps=10, explore_steps=10)
+    with pytest.raises(InputError, match="keep"):
+        MaskScan(keep=1)
+    two = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    with pytest.raises(InputError, match="at least 3 classes"):
+        ibau.scan(two, d["x_clean"][:10], d["y_clean"][:10] % 2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, scans):
+    root = tmp_path_factory.mktemp("scan")
+    (root / "model_def.py").write_text(MODEL_DEF)
+    for kind in ("one_target", "clean"):
+        d, _ = scans[kind]
+        save_file({k: v.contiguous() for k, v in d["model"].state_dict().items()}, str(root / f"{kind}.safetensors"))
+    d, _ = scans["clean"]
+    np.savez(root / "clean.npz", x=(d["x_clean"][:, 0] * 255).round().byte().numpy(), y=d["y_clean"].numpy())
+    return root
+
+
+def _scan(root, weights, *extra):
+    return main(["scan", "--model-def", f"{root / 'model_def.py'}:digits_vgg", "--weights", str(weights),
+                 "--data", str(root / "clean.npz"), "--quiet", "--steps", str(STEPS), *extra])
+
+
+def test_cli_exit_status_is_1_for_a_backdoor_0_for_clean_2_for_bad_input(files, tmp_path, capsys):
+    assert _scan(files, files / "one_target.safetensors", "--report", str(tmp_path / "r.json"),
+                 "--report-dir", str(tmp_path / "rep")) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("backdoor found -> class 0 (score") and out[0].endswith(" s)")
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["backdoored"] is True and rep["target_classes"] == [0] and rep["threshold"] == 2.0
+    assert len(rep["per_class"]) == 10 and rep["config"]["method"] == "mask" and rep["versions"]["torch"]
+    assert rep["seconds"] > 0
+    for f in ("report.md", "report.json", "trigger_0.safetensors", "trigger_0_mask.png", "trigger_0_pattern.png",
+              "trigger_0_stamp.png"):
+        assert (tmp_path / "rep" / f).is_file(), f
+    t = load_file(str(tmp_path / "rep" / "trigger_0.safetensors"))
+    assert t["mask"].shape == (1, 8, 8) and float(t["mask"].max()) <= 1
+    assert "Backdoor found" in (tmp_path / "rep" / "report.md").read_text()
+
+    assert _scan(files, files / "clean.safetensors") == 0
+    assert capsys.readouterr().out.startswith("no backdoor found")
+
+    assert _scan(files, tmp_path / "missing.safetensors") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ibau: error:")
+    assert _scan(files, files / "clean.safetensors", "--steps", "2") == 2
+    assert "steps" in capsys.readouterr().err
+    # a report must never replace an input
+    assert _scan(files, files / "clean.safetensors", "--report", str(files / "clean.npz"), "--force") == 2
+    assert "ibau: error:" in capsys.readouterr().err
+
+
+def test_unlearn_scans_before_and_after_and_auto_rounds_stop_on_the_scan():
+    from ibau.report import summary
+    from ibau.unlearn import unlearn
+
+    d = toy.digits_backdoor("one_target")
+    res = unlearn(d["model"], d["x_clean"], d["y_clean"], holdout=100, rounds="auto", max_rounds=3, batch_size=25,
+                  robustness_passes=1, scan_settings={"steps": STEPS}, progress=False)
+    rep = res.report
+    assert rep["scan_before"]["backdoored"] and rep["scan_before"]["target_classes"] == [d["target"]]
+    assert rep["scan_before"]["score"] > rep["scan_before"]["threshold"]
+    assert set(rep["scan_after"]) >= {"backdoored", "score", "threshold", "target_classes", "per_class"}
+    assert all("scan_backdoored" in h for h in rep["history"])
+    stopped_clean = [h["round"] for h in rep["history"] if not h["scan_backdoored"]]
+    if rep["stop_reason"].startswith("scan: no backdoor found"):
+        assert stopped_clean == [rep["rounds"]]  # it stops at the first round the scan calls clean
+    else:  # otherwise the accuracy limit or max_rounds ended it, and no kept round was called clean
+        assert not stopped_clean[:-1]
+    line = summary(rep).splitlines()[0]
+    assert line.startswith("scan (threshold 2): before: backdoor found -> class 0")
+    assert rep["config"]["scan"]["steps"] == STEPS
