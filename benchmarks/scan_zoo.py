@@ -6,6 +6,7 @@ Usage (from the project root)::
 
     python benchmarks/scan_zoo.py train  [--data-dir ../shared/data] [--cache /tmp/cache] [--workers 2]
     python benchmarks/scan_zoo.py scan   [--data-dir ../shared/data] [--cache /tmp/cache] [--only NAME ...]
+    python benchmarks/scan_zoo.py unlearn --only NAME ...   # the scan before and after ibau.unlearn
     python benchmarks/scan_zoo.py report
 
 ``train`` builds the trained models of the zoo through the grid's model cache (the same recipe
@@ -112,7 +113,12 @@ def scan(args) -> None:
                     "eval_size": settings["eval_size"]}
         (xc, yc), (xe, ye) = bdata.protocol_split(entry["dataset"], args.data_dir, protocol)
         model, attack, source = _load(name, entry, args.data_dir, args.cache, xe)
-        measured = _metrics(model, attack, xe, ye, 500) if attack is not None else _metrics(model, None, xe, ye, 500)
+        if attack is not None:
+            measured = _metrics(model, attack, xe, ye, 500)
+        else:
+            from ibau.metrics import clean_accuracy
+
+            measured = {"acc": clean_accuracy(model, xe, ye), "asr": None}
         t0 = time.perf_counter()
         result = ibau.scan(model, xc, yc, seed=args.seed, progress=not args.quiet)
         seconds = time.perf_counter() - t0
@@ -124,6 +130,76 @@ def scan(args) -> None:
         verdict = "BACKDOOR" if result.backdoored else "clean"
         print(f"{name}: {verdict} targets={result.target_classes} score={result.score:.2f} "
               f"truth={record['truth']} {seconds:.0f} s", flush=True)
+
+
+def unlearn_scan(args) -> None:
+    """The scan before and after ``ibau.unlearn`` (default recipe, its rounds) on zoo models:
+    does the verdict follow the real ASR? One JSON per model under ``results/scan_unlearn/``."""
+    import torch
+
+    from ibau.bench import data as bdata
+    from ibau.bench.tasks import _metrics
+    from ibau.io import write_json
+    from ibau.unlearn import unlearn
+    from ibau.utils import environment
+
+    torch.set_num_threads(args.threads)
+    settings, models = _zoo(args.data_dir, args.cache)
+    folder = ROOT / "results" / "scan_unlearn"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in args.only or []:
+        entry = models[name]
+        out = folder / f"{name}.json"
+        if out.exists() and not args.force:
+            continue
+        protocol = {"clean_size": args.clean_size, "split_seed": settings["split_seed"],
+                    "eval_size": settings["eval_size"]}
+        (xc, yc), (xe, ye) = bdata.protocol_split(entry["dataset"], args.data_dir, protocol)
+        model, attack, source = _load(name, entry, args.data_dir, args.cache, xe)
+        before = _metrics(model, attack, xe, ye, 500)
+        t0 = time.perf_counter()
+        res = unlearn(model, xc, yc, seed=args.seed, progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+        after = _metrics(model, attack, xe, ye, 500)
+        rep = res.report
+        record = {"model": name, "truth": {"backdoored": attack is not None, "targets": _targets(attack)},
+                  "clean_size": len(xc), "before": before, "after": after, "scan_before": rep["scan_before"],
+                  "scan_after": rep["scan_after"], "stop_reason": rep["stop_reason"], "rounds": rep["rounds"],
+                  "seconds": seconds, "config": rep["config"], "versions": environment()}
+        write_json(record, out, force=True)
+        print(f"{name}: ASR {before.get('asr')} -> {after.get('asr')}; scan {rep['scan_before']['score']:.2f} "
+              f"{rep['scan_before']['target_classes']} -> {rep['scan_after']['score']:.2f} "
+              f"{rep['scan_after']['target_classes']}", flush=True)
+
+
+def time_alone(args) -> None:
+    """The scan's wall time measured alone (nothing else running, ``--threads``), for the models
+    given: ``results/scan_zoo_timing.json``. The zoo's own seconds were taken with other jobs
+    sharing the cores."""
+    import torch
+
+    import ibau
+    from ibau.bench import data as bdata
+    from ibau.io import write_json
+    from ibau.utils import PeakRSS, environment
+
+    torch.set_num_threads(args.threads)
+    settings, models = _zoo(args.data_dir, args.cache)
+    rows = []
+    for name in args.only or []:
+        entry = models[name]
+        protocol = {"clean_size": settings["clean_size"], "split_seed": settings["split_seed"],
+                    "eval_size": settings["eval_size"]}
+        (xc, yc), (xe, _) = bdata.protocol_split(entry["dataset"], args.data_dir, protocol)
+        model, _, _ = _load(name, entry, args.data_dir, args.cache, xe)
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            res = ibau.scan(model, xc, yc, seed=args.seed, progress=False)
+            seconds = time.perf_counter() - t0
+        rows.append({"model": name, "dataset": entry["dataset"], "seconds": seconds, "threads": args.threads,
+                     "peak_rss_mb": peak.peak / 2**20, "backdoored": res.backdoored, "score": res.score})
+        print(f"{name}: {seconds:.1f} s alone on {args.threads} threads", flush=True)
+    write_json({"rows": rows, "versions": environment()}, ROOT / "results" / "scan_zoo_timing.json", force=True)
 
 
 def _auroc(pos: list[float], neg: list[float]) -> float:
@@ -155,6 +231,13 @@ def report(args) -> None:
     one_target = [r for r in records if isinstance(r["truth"]["targets"], list) and len(r["truth"]["targets"]) == 1]
     named = [r for r in one_target if r["scan"]["backdoored"] and r["truth"]["targets"][0] in r["scan"]["target_classes"]]
     secs = [r["seconds"] for r in records]
+
+    def nc_index(r):  # Neural Cleanse's statistic: the anomaly index of the smallest explored mask
+        return max(c["anomaly_index"] for c in r["scan"]["per_class"]
+                   if c["explore_l1"] <= min(x["explore_l1"] for x in r["scan"]["per_class"]))
+
+    pos_nc = [nc_index(r) for r in records if r["truth"]["backdoored"]]
+    neg_nc = [nc_index(r) for r in records if not r["truth"]["backdoored"]]
     lines = [
         "# `ibau scan`: detection benchmark (issue 14)", "",
         f"Generated by `python benchmarks/scan_zoo.py report` from {len(records)} JSON files in "
@@ -165,14 +248,18 @@ def report(args) -> None:
         "| measure | value |", "|---|---|",
         f"| backdoored / clean models | {len(pos)} / {len(neg)} |",
         f"| AUROC (score) | {_auroc(pos, neg):.3f} |",
+        f"| AUROC of Neural Cleanse's statistic on the same searches (anomaly index of the smallest mask "
+        f"after the equal-budget phase) | {_auroc(pos_nc, neg_nc):.3f} |",
+        f"| clean models over Neural Cleanse's threshold 2 on that statistic | "
+        f"{sum(v > 2 for v in neg_nc)}/{len(neg_nc)} |",
         f"| true-positive rate at 5% false positives | {_tpr_at(pos, neg, 0.05):.2f} |",
         f"| backdoored models flagged (default threshold) | {len(found)}/{len(pos)} |",
         f"| clean models flagged (default threshold) | {len(flagged_clean)}/{len(neg)}"
         + (f" ({', '.join(flagged_clean)})" if flagged_clean else "") + " |",
         f"| one-target models whose target is named | {len(named)}/{len(one_target)} |",
         f"| seconds per model (mean / max) | {sum(secs) / len(secs):.0f} / {max(secs):.0f} |",
-        "", "| model | dataset | truth | ACC / ASR (%) | verdict | named classes | score | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "", "| model | dataset | truth | ACC / ASR (%) | verdict | named classes | score | NC index | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         t = r["truth"]
@@ -181,9 +268,32 @@ def report(args) -> None:
         asr = f"{100 * b['asr']:.1f}" if b.get("asr") is not None else "-"
         verdict = "backdoor" if r["scan"]["backdoored"] else "clean"
         lines.append(f"| {r['model']} | {r['entry']['dataset']} | {truth} | {100 * b['acc']:.1f} / {asr} | {verdict} | "
-                     f"{r['scan']['target_classes']} | {r['scan']['score']:.2f} | {r['seconds']:.0f} |")
+                     f"{r['scan']['target_classes']} | {r['scan']['score']:.2f} | {nc_index(r):.2f} | "
+                     f"{r['seconds']:.0f} |")
     env = sorted({(r["versions"].get("torch"), r["versions"].get("ibau"), r["threads"]) for r in records})
-    lines += ["", f"Environments (torch, ibau, threads): {env}.", ""]
+    lines += ["", f"Environments (torch, ibau, threads): {env}. The seconds above were measured with two to four "
+              "jobs sharing the 2 cores (one thread each); the scan alone:", ""]
+    timing = ROOT / "results" / "scan_zoo_timing.json"
+    if timing.exists():
+        t = json.loads(timing.read_text())
+        lines += ["| model | dataset | seconds alone | threads | peak RSS (MB) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['dataset']} | {r['seconds']:.1f} | {r['threads']} | {r['peak_rss_mb']:.0f} |"
+                  for r in t["rows"]]
+    after = [json.loads(p.read_text()) for p in sorted((ROOT / "results" / "scan_unlearn").glob("*.json"))]
+    if after:
+        lines += ["", "## The scan before and after `ibau.unlearn`", "",
+                  "Default recipe and rounds, seed 0, 2,500 clean images (the scan uses the 2,250 left after the "
+                  "10% hold-out); ACC / ASR on the zoo's 500 held-out images.", "",
+                  "| model | ACC / ASR before (%) | scan before | ACC / ASR after (%) | scan after |",
+                  "|---|---|---|---|---|"]
+        for r in after:
+            def cell(sc):
+                v = f"backdoor -> {sc['target_classes']}" if sc["backdoored"] else "clean"
+                return f"{v} ({sc['score']:.2f})"
+            b, a = r["before"], r["after"]
+            lines.append(f"| {r['model']} | {100 * b['acc']:.1f} / {100 * b['asr']:.1f} | {cell(r['scan_before'])} | "
+                         f"{100 * a['acc']:.1f} / {100 * a['asr']:.1f} | {cell(r['scan_after'])} |")
+    lines.append("")
     tmp = REPORT.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, REPORT)
@@ -192,7 +302,8 @@ def report(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("action", choices=["train", "scan", "report"])
+    p.add_argument("action", choices=["train", "scan", "unlearn", "time", "report"])
+    p.add_argument("--clean-size", type=int, default=2500, help="unlearn: clean images (default: 2500)")
     p.add_argument("--data-dir", default=str(ROOT.parent.parent / "shared" / "data"))
     p.add_argument("--cache", default="/tmp/cache")
     p.add_argument("--workers", type=int, default=2)
@@ -202,7 +313,7 @@ def main() -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
-    {"train": train, "scan": scan, "report": report}[args.action](args)
+    {"train": train, "scan": scan, "unlearn": unlearn_scan, "time": time_alone, "report": report}[args.action](args)
 
 
 if __name__ == "__main__":

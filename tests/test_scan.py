@@ -143,3 +143,20 @@ def test_unlearn_scans_before_and_after_and_auto_rounds_stop_on_the_scan():
     line = summary(rep).splitlines()[0]
     assert line.startswith("scan (threshold 2): before: backdoor found -> class 0")
     assert rep["config"]["scan"]["steps"] == STEPS
+
+
+def test_zoo_benchmark_measures():
+    """AUROC and the true-positive rate at a false-positive budget of benchmarks/scan_zoo.py."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scan_zoo.py"
+    spec = importlib.util.spec_from_file_location("scan_zoo", path)
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    assert zoo._auroc([3, 4], [1, 2]) == 1.0 and zoo._auroc([1, 2], [3, 4]) == 0.0
+    assert zoo._auroc([2, 3], [2, 1]) == pytest.approx(0.875)  # one tie counts half: (1 + .5 + 1 + 1) / 4
+    neg = [1.0 + i / 100 for i in range(20)]  # 20 clean scores 1.00 .. 1.19
+    # 5% of 20 = one false positive allowed: the threshold is the second highest clean score (1.18)
+    assert zoo._tpr_at([1.185, 1.5, 0.5, 1.0], neg, 0.05) == 0.5
+    assert zoo._tpr_at([2.0], [1.0], 0.05) == 1.0 and zoo._tpr_at([0.5], [1.0], 0.05) == 0.0
