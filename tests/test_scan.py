@@ -143,6 +143,12 @@ def test_unlearn_scans_before_and_after_and_auto_rounds_stop_on_the_scan():
     line = summary(rep).splitlines()[0]
     assert line.startswith("scan (threshold 2): before: backdoor found -> class 0")
     assert rep["config"]["scan"]["steps"] == STEPS
+    phases = rep["seconds_phases"]
+    assert set(phases) == {"unlearning", "scan", "universal_perturbation_search"}
+    assert all(v > 0 for v in phases.values()) and sum(phases.values()) <= rep["seconds"]
+    # every scan's own clock is inside the scan phase: before, after, and one per round in auto mode
+    assert phases["scan"] >= rep["scan_before"]["seconds"] + rep["scan_after"]["seconds"]
+    assert f"total {rep['seconds']:.1f} s (I-BAU rounds" in summary(rep)
 
 
 def test_zoo_benchmark_measures():

@@ -55,6 +55,14 @@ def scan_line(report: dict[str, Any]) -> str | None:
     return f"scan (threshold {before['threshold']:g}): before: {scan_verdict(before)}; after: {after_text}"
 
 
+def _times(report: dict[str, Any]) -> str:
+    """``total 42.0 s (I-BAU rounds 30.1 s, scans 9.0 s, ...)``: the job's time and its phases."""
+    names = {"unlearning": "I-BAU rounds", "scan": "scans", "universal_perturbation_search": "universal-perturbation "
+             "searches"}
+    parts = [f"{names.get(k, k)} {v:.1f} s" for k, v in report.get("seconds_phases", {}).items() if v > 0]
+    return f"total {report['seconds']:.1f} s" + (f" ({', '.join(parts)})" if parts else "")
+
+
 def summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     rb, ra = report["robustness_before"], report["robustness_after"]
@@ -65,7 +73,7 @@ def summary(report: dict[str, Any]) -> str:
         f"secondary measure, strongest universal perturbation (||delta|| <= {_bound(report)}): fools "
         f"{_pct(rb['success_rate'])} -> {_pct(ra['success_rate'])} of correct predictions "
         f"(top class {rb['top_class']}: {_pct(rb['top_class_share'])} -> {ra['top_class']}: {_pct(ra['top_class_share'])})",
-        f"{report['rounds']} I-BAU round(s) on {report['clean_set_size']} clean images in {report['seconds']:.1f} s; "
+        f"{report['rounds']} I-BAU round(s) on {report['clean_set_size']} clean images; {_times(report)}; "
         f"{report['stop_reason']}",
     ]
     lines += [f"warning: {w}" for w in report.get("warnings", [])]

@@ -140,10 +140,14 @@ def unlearn(
     search = x[clean_idx[pick]]
     bound = defense.norm_bound if robustness_bound is None else robustness_bound
 
+    phase = {"scan": 0.0, "universal_perturbation_search": 0.0}  # seconds spent outside the rounds
+
     def robustness(m: nn.Module) -> tuple[dict, Tensor]:
+        t0 = time.perf_counter()
         res, delta = universal_attack(m, search, x_hold, y_hold, norm_bound=bound,
                                       passes=robustness_passes, batch_size=defense.batch_size, seed=seed,
                                       progress=progress)
+        phase["universal_perturbation_search"] += time.perf_counter() - t0
         return res.as_dict(), delta
 
     sample_x = x_hold[:samples]
@@ -156,7 +160,10 @@ def unlearn(
     x_scan, y_scan = x[clean_idx], y[clean_idx]
 
     def scan_of(m: nn.Module) -> dict[str, Any]:
-        return scanner.run(m, x_scan, y_scan).as_dict()
+        t0 = time.perf_counter()
+        out = scanner.run(m, x_scan, y_scan).as_dict()
+        phase["scan"] += time.perf_counter() - t0
+        return out
 
     def before(net: nn.Module, xh: Tensor, yh: Tensor) -> None:
         measured["acc_before"] = holdout_accuracy(net, xh, yh)
@@ -249,7 +256,8 @@ def unlearn(
                 "scan": scanner.config() if scanner is not None else None},
         robustness_before=rob_before, robustness_after=rob_after, **scans, clean_set_size=len(clean_idx),
         rounds=len(outcome["history"]), kept_round=outcome["kept_round"], stop_reason=outcome["stop_reason"],
-        seconds=time.perf_counter() - t_start, seconds_unlearning=run.result.seconds, history=outcome["history"],
+        seconds=time.perf_counter() - t_start, seconds_unlearning=run.result.seconds,
+        seconds_phases={"unlearning": run.result.seconds, **phase}, history=outcome["history"],
         samples={"labels": y_hold[:samples].tolist(),
                  "before": {k: v.tolist() for k, v in measured["preds_before"].items()},
                  "after": {k: v.tolist() for k, v in preds_after.items()}})
