@@ -1,0 +1,181 @@
+"""Speed of the default recipe (issue 15): time to effect and the whole ``ibau unlearn`` job,
+as ratios to one training epoch over the same images, measured in the same process.
+
+    python benchmarks/speed.py                    # CPU, torch's default threads
+    python benchmarks/speed.py --device cuda      # the same on a GPU
+
+Case: the authors' released CIFAR-10 BadNets model (``../shared/data`` or ``IBAU_SHARED_DATA``),
+the paper's 5,000 clean images (seeded lossy test images, :func:`ibau.bench.data.protocol_split`),
+ACC / ASR on 500 of the lossless test images. Measured, in this order and in one process:
+
+1. one training epoch over the 5,000 images (Adam, batch 100, the model in train mode): the unit;
+2. the default recipe (``IBAU()``) round after round until ASR < 20% with clean accuracy down by
+   at most 2 points (at most 5 rounds): *time to effect* excludes evaluation (the history's
+   ``elapsed``); the seconds of one inner pass and of one outer step are read from the rounds;
+3. ``ibau.unlearn`` with its defaults (10% held out, the scan before and after, the secondary
+   universal-perturbation measure, the recipe's 2 rounds): the whole job, per phase.
+
+Peak memory is the process's peak RSS during each part, next to one training step's. Writes
+``benchmarks/results/speed.json`` and the generated ``speed.md``. Measure alone: nothing else
+running on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+BENCH = Path(__file__).resolve().parent
+DEFAULT_DATA = Path(os.environ.get("IBAU_SHARED_DATA", BENCH.parents[1] / "shared" / "data"))
+WEIGHTS = "ibau-checkpoints/badnets_8_02_ckpt.pth"
+
+
+def main() -> None:
+    from ibau import IBAU
+    from ibau.bench.sources import build_attack
+    from ibau.bench.data import protocol_split
+    from ibau.io import load_weights, write_json
+    from ibau.models import SmallVGG
+    from ibau.poisoning import evaluate_attack
+    from ibau.unlearn import unlearn
+    from ibau.utils import PeakRSS, environment
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=BENCH / "results" / "speed.json")
+    args = p.parse_args()
+    device = torch.device(args.device)
+
+    (xc, yc), (xe, ye) = protocol_split("cifar10", str(args.data_dir),
+                                        {"clean_size": 5000, "split_seed": 0, "eval_size": 500})
+    attack = build_attack({"name": "badnets", "target": 8}, x=xc, num_classes=10)
+
+    def fresh():
+        torch.manual_seed(0)
+        return load_weights(SmallVGG(10), args.data_dir / WEIGHTS).to(device).eval()
+
+    def metrics(m) -> dict:
+        r = evaluate_attack(m, attack, xe.to(device), ye.to(device), batch_size=500)
+        return {"acc": r["acc"], "asr": r["asr"]}
+
+    # 1. one training epoch over the same images: the unit
+    model = fresh().train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(xc), generator=g)
+    step_times = []
+    with PeakRSS() as mem_train:
+        t0 = time.perf_counter()
+        for i in range(0, len(xc), 100):
+            s0 = time.perf_counter()
+            idx = order[i:i + 100]
+            loss = F.cross_entropy(model(xc[idx].to(device)), yc[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - s0)
+        epoch = time.perf_counter() - t0
+    step = sorted(step_times)[len(step_times) // 2]
+
+    # 2. time to effect of the default recipe
+    model = fresh()
+    before = metrics(model)
+
+    def stop_when(rec):
+        return (rec.get("asr", 1.0) < 0.2 and before["acc"] - rec.get("acc", 0.0) <= 0.02
+                and f"effective at {rec['point']}")
+
+    with PeakRSS() as mem_ibau:
+        res = IBAU(rounds=5, seed=0, progress=False).fit(model, xc.to(device), yc.to(device), evaluate=metrics,
+                                                         stop_when=stop_when)
+    rounds = [h for h in res.history if h.get("round", 0) > 0]
+    effective = res.stop_reason.startswith("effective")
+    batches = -(-len(xc) // 100)
+    outer_step = sorted(h["seconds_outer"] for h in rounds)[0] / batches  # includes the recovery step
+    inner_pass = sorted(h["seconds_inner"] for h in rounds)[0]
+
+    # 3. the whole ibau unlearn job (defaults)
+    model = fresh()
+    t0 = time.perf_counter()
+    with PeakRSS() as mem_job:
+        job = unlearn(model, xc.to(device), yc.to(device), seed=0, progress=False)
+    job_seconds = time.perf_counter() - t0
+    after_job = metrics(model)
+    rep = job.report
+
+    record = {
+        "case": {"model": WEIGHTS, "clean_images": len(xc), "eval_images": len(xe), "device": str(device),
+                 "threads": torch.get_num_threads()},
+        "training": {"epoch_seconds": epoch, "step_seconds_median": step, "steps": len(step_times),
+                     "peak_rss_mb": mem_train.peak / 2**20},
+        "time_to_effect": {"effective": effective, "stop_reason": res.stop_reason,
+                           "rounds": len(rounds), "seconds": rounds[-1]["elapsed"] if rounds else None,
+                           "epochs": (rounds[-1]["elapsed"] / epoch) if rounds else None,
+                           "before": before, "after": {k: rounds[-1][k] for k in ("acc", "asr")} if rounds else None,
+                           "round_seconds": [h["seconds"] for h in rounds],
+                           "inner_pass_seconds": inner_pass,
+                           "outer_and_recovery_step_seconds": outer_step,
+                           "outer_and_recovery_step_in_training_steps": outer_step / step,
+                           "peak_rss_mb": mem_ibau.peak / 2**20},
+        "unlearn_job": {"seconds": job_seconds, "epochs": job_seconds / epoch, "phases": rep["seconds_phases"],
+                        "rounds": rep["rounds"], "stop_reason": rep["stop_reason"],
+                        "scan_before": {k: rep["scan_before"][k] for k in ("backdoored", "score", "target_classes")},
+                        "scan_after": {k: rep["scan_after"][k] for k in ("backdoored", "score", "target_classes")},
+                        "after": after_job, "peak_rss_mb": mem_job.peak / 2**20},
+        "environment": environment(),
+    }
+    write_json(record, args.out, force=True)
+    write_markdown(record, args.out.with_suffix(".md"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def write_markdown(r: dict, path: Path) -> None:
+    t, tr, j = r["time_to_effect"], r["training"], r["unlearn_job"]
+    ph = j["phases"]
+    lines = [
+        "# Speed of the default recipe (issue 15)", "",
+        f"Generated by `benchmarks/speed.py` from `{path.with_suffix('.json').name}`. Case: {r['case']['model']}, "
+        f"{r['case']['clean_images']:,} clean images, ACC/ASR on {r['case']['eval_images']} held-out images, "
+        f"device {r['case']['device']}, {r['case']['threads']} threads, torch {r['environment']['torch']}; "
+        "every number measured in one process, alone on the machine.", "",
+        "| measure | seconds | in training epochs | goal (issue 15) |", "|---|---|---|---|",
+        f"| one training epoch ({tr['steps']} steps of 100) | {tr['epoch_seconds']:.1f} | 1 | |",
+        f"| time to effect: rounds until ASR < 20% and ACC down <= 2 points "
+        f"({t['rounds']} round(s), {'effective' if t['effective'] else 'NOT effective'}) | "
+        f"{t['seconds']:.1f} | {t['epochs']:.1f} | <= 30 s (15 s) |",
+        f"| whole `ibau.unlearn` job ({j['rounds']} rounds, scans, secondary measure) | {j['seconds']:.1f} | "
+        f"{j['epochs']:.1f} | <= 120 s |",
+        "", "| cost | value | goal |", "|---|---|---|",
+        f"| one training step (median) | {tr['step_seconds_median']:.3f} s | |",
+        f"| one outer step + its recovery step | {t['outer_and_recovery_step_seconds']:.3f} s = "
+        f"{t['outer_and_recovery_step_in_training_steps']:.1f} training steps | <= 4 training steps (outer step) |",
+        f"| one inner pass (one step per batch, delta only) | {t['inner_pass_seconds']:.1f} s | |",
+        f"| peak RSS: training / I-BAU / whole job | {tr['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} / "
+        f"{j['peak_rss_mb']:.0f} MB | I-BAU <= 2x training |",
+        "", f"Time to effect: ACC/ASR {100 * t['before']['acc']:.1f} / {100 * t['before']['asr']:.1f}% -> "
+        f"{100 * t['after']['acc']:.1f} / {100 * t['after']['asr']:.1f}%; rounds took "
+        f"{', '.join(f'{s:.1f}' for s in t['round_seconds'])} s.",
+        f"The job: I-BAU rounds {ph['unlearning']:.1f} s, scans {ph['scan']:.1f} s, universal-perturbation "
+        f"searches {ph['universal_perturbation_search']:.1f} s; scan before: "
+        f"{'backdoor -> ' + str(j['scan_before']['target_classes']) if j['scan_before']['backdoored'] else 'clean'} "
+        f"({j['scan_before']['score']:.2f}), after: "
+        f"{'backdoor -> ' + str(j['scan_after']['target_classes']) if j['scan_after']['backdoored'] else 'clean'} "
+        f"({j['scan_after']['score']:.2f}); ACC/ASR after the job {100 * j['after']['acc']:.1f} / "
+        f"{100 * j['after']['asr']:.1f}%; stop: {j['stop_reason']}.", "",
+    ]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
