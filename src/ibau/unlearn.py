@@ -89,8 +89,8 @@ def unlearn(
             than this below the accuracy before (a fraction: 0.015 = 1.5 points), and never
             keeps such a round when an earlier one is within the limit.
         recipe: ``"default"`` or ``"paper"`` (:meth:`ibau.IBAU.from_recipe`).
-        threshold: ``"auto"`` stops once the universal-perturbation success rate on the
-            held-out images is below this.
+        threshold: with ``scan=False``, ``"auto"`` stops once the universal-perturbation
+            success rate on the held-out images is below this (with the scan, the scan decides).
         min_improvement: ``"auto"`` stops when a round lowers the success rate by less
             than this compared with the best so far (``None``, default: never for this reason).
         robustness_passes: passes of the universal-perturbation search.

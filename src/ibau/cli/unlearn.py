@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the measured default recipe (see README); paper: Algorithm 1 with the authors' "
                         f"settings (default: {defaults['recipe']})")
     r.add_argument("--rounds", default=defaults["rounds"],
-                   help="I-BAU rounds, or 'auto': until robust, the accuracy limit or --max-rounds "
+                   help="I-BAU rounds, or 'auto': until the scan finds no backdoor, the accuracy limit or --max-rounds "
                         "(default: the recipe's, 2 for default and 5 for paper)")
     r.add_argument("--max-rounds", type=INT, default=defaults["max_rounds"],
                    help="most rounds for --rounds auto (default: the recipe's, 2 for default and 5 for paper)")
@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--rounds auto stops after, and never keeps, a round that lost more held-out accuracy than "
                         f"this fraction when an earlier one did not (default: {defaults['max_accuracy_drop']})")
     r.add_argument("--threshold", type=FLOAT, default=defaults["threshold"],
-                   help=f"--rounds auto stops below this universal-perturbation success rate "
+                   help=f"with --no-scan, --rounds auto stops below this universal-perturbation success rate "
                         f"(default: {defaults['threshold']})")
     r.add_argument("--robustness-bound", type=optional_float,
                    help="l2 bound of the universal-perturbation search (default: the I-BAU bound)")
