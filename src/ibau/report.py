@@ -36,13 +36,14 @@ def _bound(report: dict[str, Any]) -> str:
 
 def scan_verdict(scan: dict[str, Any]) -> str:
     """``backdoor found -> class k`` or ``no backdoor found``, with the score."""
-    head = ("backdoor found -> class " + ", ".join(map(str, scan["target_classes"]))) if scan["backdoored"] \
-        else "no backdoor found"
-    return f"{head} (score {scan['score']:.2f})"
+    from .scanning import verdict
+
+    return f"{verdict(scan['backdoored'], scan['target_classes'])} (score {scan['score']:.2f})"
 
 
-def scan_line(report: dict[str, Any]) -> str | None:
-    """The scan's verdict before and after unlearning, or ``None`` when the run had no scan."""
+def scan_line(report: dict[str, Any], label: str = "scan") -> str | None:
+    """The scan's verdict before and after unlearning, after ``label``, or ``None`` when the
+    run had no scan."""
     if "scan_before" not in report:
         return None
     before, after = report["scan_before"], report["scan_after"]
@@ -52,7 +53,7 @@ def scan_line(report: dict[str, Any]) -> str | None:
         after_text += f" (score {after['score']:.2f})"
     else:
         after_text = scan_verdict(after)
-    return f"scan (threshold {before['threshold']:g}): before: {scan_verdict(before)}; after: {after_text}"
+    return f"{label} (threshold {before['threshold']:g}): before: {scan_verdict(before)}; after: {after_text}"
 
 
 def _times(report: dict[str, Any]) -> str:
@@ -193,9 +194,9 @@ def render(folder: str | os.PathLike) -> Path:
         f"{report['rounds']} round(s) on {report['clean_set_size']} clean images, {report['seconds']:.1f} s in all. "
         f"Stopped: {report['stop_reason']}.", "",
     ]
-    verdict = scan_line(report)
+    verdict = scan_line(report, label="**Backdoor scan**")
     if verdict:
-        md[4:4] = [f"**Backdoor scan** ({verdict[5:]})", "",
+        md[4:4] = [verdict, "",
                    "The scan reverse-engineers the smallest stamp that sends clean images to each class; a class "
                    "whose stamp is far smaller than the others' is the suspected target (`ibau scan`).", ""]
     md += [f"> **Warning:** {w}" for w in report.get("warnings", [])]

@@ -39,13 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .defenses._common import mad_anomaly_index
+from .defenses.neural_cleanse import MaskTrigger
 from .defenses.base import _wrap, check_images, check_labels
-from .errors import InputError, check_int, check_number
+from .errors import InputError, check_choice, check_int, check_number
 from .metrics import model_device
 from .models.fuse import fold_batchnorm
 from .perturbation import check_normalize
 
-__all__ = ["scan", "MaskScan", "ScanResult", "SCANNERS"]
+__all__ = ["scan", "MaskScan", "ScanResult", "SCANNERS", "verdict"]
 
 
 @dataclass
@@ -78,11 +79,18 @@ class ScanResult:
 
     def summary(self) -> str:
         """One line: verdict, suspected target class(es), score, seconds."""
-        if self.backdoored:
-            head = "backdoor found -> class " + ", ".join(str(c) for c in self.target_classes)
-        else:
-            head = "no backdoor found"
-        return f"{head} (score {self.score:.2f}, threshold {self.threshold:g}, {self.seconds:.0f} s)"
+        return (f"{verdict(self.backdoored, self.target_classes)} "
+                f"(score {self.score:.2f}, threshold {self.threshold:g}, {self.seconds:.0f} s)")
+
+
+def verdict(backdoored: bool, target_classes: list[int]) -> str:
+    """``backdoor found -> class k[, j]`` or ``no backdoor found``: how every report words a scan."""
+    return "backdoor found -> class " + ", ".join(map(str, target_classes)) if backdoored else "no backdoor found"
+
+
+def _unit(raw: Tensor) -> Tensor:
+    """The search's parameterisation of masks and patterns: ``(tanh(raw) + 1) / 2`` in (0, 1)."""
+    return (torch.tanh(raw) + 1) / 2
 
 
 class MaskScan:
@@ -222,8 +230,8 @@ class MaskScan:
             idx = torch.randint(0, len(x), (min(per_class, len(x)),), generator=g)
             xb, yb = x[idx].to(device, dtype), y[idx].to(device)
             a = active.to(device)
-            mask = (torch.tanh(m_raw[a]) + 1) / 2  # (A, 1, H, W)
-            pattern = (torch.tanh(p_raw[a]) + 1) / 2  # (A, C, H, W)
+            mask = _unit(m_raw[a])  # (A, 1, H, W)
+            pattern = _unit(p_raw[a])  # (A, C, H, W)
             stamped = (1 - mask[:, None]) * xb[None] + (mask * pattern)[:, None]  # (A, B, C, H, W)
             logits = net(stamped.reshape(-1, c, h, w)).reshape(len(a), len(xb), -1)
             target = classes_t[a][:, None].expand(-1, len(xb))
@@ -258,16 +266,16 @@ class MaskScan:
         xs, ys = x[pick].to(device, dtype), y[pick].to(device)
         for k in range(k_all):
             mr, pr = best_state[k] if best_state[k] is not None else (m_raw[k].detach(), p_raw[k].detach())
-            mask, pattern = (torch.tanh(mr) + 1) / 2, (torch.tanh(pr) + 1) / 2
+            stamp = MaskTrigger(_unit(mr), _unit(pr))
             keep = ys != k
             with torch.no_grad():
-                out = net((1 - mask) * xs[keep] + mask * pattern).argmax(1) if bool(keep.any()) else None
+                out = net(stamp(xs[keep])).argmax(1) if bool(keep.any()) else None
             rates.append(float((out == k).float().mean()) if out is not None else 0.0)
-            tensors[k] = {"mask": mask.cpu(), "pattern": pattern.cpu()}
+            tensors[k] = {"mask": stamp.mask.cpu(), "pattern": stamp.pattern.cpu()}
         return norms, reached, rates, tensors, explored, active.tolist()
 
 
-#: name -> scanner class (``scan(method=...)``, ``ibau scan --method``)
+#: name -> scanner class (``scan(method=...)``)
 SCANNERS: dict[str, type] = {"mask": MaskScan}
 
 
@@ -283,7 +291,5 @@ def scan(model: nn.Module, x: Tensor, y: Tensor, *, method: str = "mask", **sett
         >>> result = ibau.scan(model, x_clean, y_clean, seed=0)
         >>> result.backdoored, result.target_classes, result.score
     """
-    from .errors import check_choice
-
     cls = SCANNERS[check_choice("method", method, tuple(SCANNERS))]
     return cls(**settings).run(model, x, y)

@@ -157,7 +157,7 @@ def unlearn(
         from .scanning import MaskScan
 
         scanner = MaskScan(**{"seed": seed, "progress": progress, **(scan_settings or {})})
-    x_scan, y_scan = x[clean_idx], y[clean_idx]
+        x_scan, y_scan = x[clean_idx], y[clean_idx]  # the clean set after the hold-out
 
     def scan_of(m: nn.Module) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import INT, FLOAT, command, data_options, data_source, finish, log_of, model_options, model_source, \
-    run_options
+from .options import INT, FLOAT, command, data_options, data_source, defaults_of, finish, log_of, model_options, \
+    model_source, run_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..scanning import MaskScan
 
-    d = MaskScan()
+    d = defaults_of(MaskScan)
     model_options(p)
     data_options(p, holdout=None)
     o = p.add_argument_group("output")
@@ -25,9 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--force", action="store_true", help="replace existing outputs (never an input)")
     s = p.add_argument_group("scan settings (see help(ibau.scanning.MaskScan))")
     s.add_argument("--threshold", type=FLOAT, default=argparse.SUPPRESS,
-                   help=f"anomaly index above which a class is flagged (default: {d.threshold:g})")
+                   help="the model is flagged when the largest kept mask norm exceeds the smallest by this factor "
+                        f"(default: {d['threshold']:g})")
     s.add_argument("--steps", type=INT, default=argparse.SUPPRESS,
-                   help=f"optimisation steps of the trigger search (default: {d.steps})")
+                   help=f"optimisation steps of the trigger search (default: {d['steps']})")
     run_options(p, seed_help="seed of the trigger search (default: 0)")
 
 
