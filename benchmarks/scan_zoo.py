@@ -6,6 +6,7 @@ Usage (from the project root)::
 
     python benchmarks/scan_zoo.py train  [--data-dir ../shared/data] [--cache /tmp/cache] [--workers 2]
     python benchmarks/scan_zoo.py scan   [--data-dir ../shared/data] [--cache /tmp/cache] [--only NAME ...]
+    python benchmarks/scan_zoo.py scan --precision bf16   # the same scans under bfloat16 autocast
     python benchmarks/scan_zoo.py unlearn --only NAME ...   # the scan before and after ibau.unlearn
     python benchmarks/scan_zoo.py report
 
@@ -14,6 +15,8 @@ gives the same weights on one machine); ``scan`` writes one JSON per model under
 ``benchmarks/results/scan_zoo/`` (the scan's report, the attack's ASR on held-out images,
 config, versions, timings); ``report`` generates ``benchmarks/results/scan_zoo.md`` from those
 files only. Scan timings are meant to be taken alone (``--threads 2``, nothing else running).
+``--precision bf16`` (issue 15) scans under bfloat16 autocast into ``benchmarks/results/scan_zoo_bf16/``;
+the report compares the two.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ ROOT = Path(__file__).resolve().parent
 CONFIG = ROOT / "configs" / "scan_zoo.toml"
 RESULTS = ROOT / "results" / "scan_zoo"
 REPORT = ROOT / "results" / "scan_zoo.md"
+
+
+def _results(precision: str) -> Path:
+    """Where the scans of one precision are kept (float32: ``scan_zoo/``)."""
+    return RESULTS if precision == "fp32" else RESULTS.with_name(f"scan_zoo_{precision}")
 
 
 def _zoo(data_dir: str, cache: str) -> tuple[dict, dict]:
@@ -101,11 +109,12 @@ def scan(args) -> None:
 
     torch.set_num_threads(args.threads)
     settings, models = _zoo(args.data_dir, args.cache)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = _results(args.precision)
+    results.mkdir(parents=True, exist_ok=True)
     for name, entry in models.items():
         if args.only and name not in args.only:
             continue
-        out = RESULTS / f"{name}.json"
+        out = results / f"{name}.json"
         if out.exists() and not args.force:
             print(f"{name}: done already", flush=True)
             continue
@@ -120,7 +129,7 @@ def scan(args) -> None:
 
             measured = {"acc": clean_accuracy(model, xe, ye), "asr": None}
         t0 = time.perf_counter()
-        result = ibau.scan(model, xc, yc, seed=args.seed, progress=not args.quiet)
+        result = ibau.scan(model, xc, yc, seed=args.seed, progress=not args.quiet, precision=args.precision)
         seconds = time.perf_counter() - t0
         record = {"model": name, "entry": {k: v for k, v in entry.items()}, "source": source,
                   "truth": {"backdoored": attack is not None, "targets": _targets(attack)},
@@ -194,12 +203,17 @@ def time_alone(args) -> None:
         model, _, _ = _load(name, entry, args.data_dir, args.cache, xe)
         with PeakRSS() as peak:
             t0 = time.perf_counter()
-            res = ibau.scan(model, xc, yc, seed=args.seed, progress=False)
+            res = ibau.scan(model, xc, yc, seed=args.seed, progress=False, precision=args.precision)
             seconds = time.perf_counter() - t0
-        rows.append({"model": name, "dataset": entry["dataset"], "seconds": seconds, "threads": args.threads,
-                     "peak_rss_mb": peak.peak / 2**20, "backdoored": res.backdoored, "score": res.score})
-        print(f"{name}: {seconds:.1f} s alone on {args.threads} threads", flush=True)
-    write_json({"rows": rows, "versions": environment()}, ROOT / "results" / "scan_zoo_timing.json", force=True)
+        rows.append({"model": name, "dataset": entry["dataset"], "precision": args.precision, "seconds": seconds,
+                     "threads": args.threads, "peak_rss_mb": peak.peak / 2**20, "backdoored": res.backdoored,
+                     "score": res.score})
+        print(f"{name}: {seconds:.1f} s alone on {args.threads} threads ({args.precision})", flush=True)
+    path = ROOT / "results" / "scan_zoo_timing.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    new = {(r["model"], r["precision"]) for r in rows}
+    kept = [r for r in old if (r["model"], r.get("precision", "fp32")) not in new]
+    write_json({"rows": kept + rows, "versions": environment()}, path, force=True)
 
 
 def _auroc(pos: list[float], neg: list[float]) -> float:
@@ -218,6 +232,20 @@ def _tpr_at(pos: list[float], neg: list[float], fpr: float) -> float:
     ranked = sorted(neg, reverse=True)
     threshold = ranked[allowed] if allowed < len(ranked) else -math.inf  # scores must exceed this
     return sum(p > threshold for p in pos) / len(pos)
+
+
+def _measures(records: list[dict]) -> dict[str, str]:
+    """The zoo's headline numbers over ``records``, formatted."""
+    pos = [r["scan"]["score"] for r in records if r["truth"]["backdoored"]]
+    neg = [r["scan"]["score"] for r in records if not r["truth"]["backdoored"]]
+    one = [r for r in records if isinstance(r["truth"]["targets"], list) and len(r["truth"]["targets"]) == 1]
+    named = [r for r in one if r["scan"]["backdoored"] and r["truth"]["targets"][0] in r["scan"]["target_classes"]]
+    secs = [r["seconds"] for r in records]
+    return {"AUROC": f"{_auroc(pos, neg):.3f}", "true-positive rate at 5% false positives": f"{_tpr_at(pos, neg, 0.05):.2f}",
+            "backdoored models flagged": f"{sum(r['scan']['backdoored'] for r in records if r['truth']['backdoored'])}/{len(pos)}",
+            "clean models flagged": f"{sum(r['scan']['backdoored'] for r in records if not r['truth']['backdoored'])}/{len(neg)}",
+            "one-target models whose target is named": f"{len(named)}/{len(one)}",
+            "seconds per model (mean, cores shared)": f"{sum(secs) / len(secs):.0f}"}
 
 
 def report(args) -> None:
@@ -276,9 +304,10 @@ def report(args) -> None:
     timing = ROOT / "results" / "scan_zoo_timing.json"
     if timing.exists():
         t = json.loads(timing.read_text())
-        lines += ["| model | dataset | seconds alone | threads | peak RSS (MB) |", "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['dataset']} | {r['seconds']:.1f} | {r['threads']} | {r['peak_rss_mb']:.0f} |"
-                  for r in t["rows"]]
+        lines += ["| model | dataset | precision | seconds alone | threads | peak RSS (MB) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['dataset']} | {r.get('precision', 'fp32')} | {r['seconds']:.1f} | "
+                  f"{r['threads']} | {r['peak_rss_mb']:.0f} |" for r in t["rows"]]
     after = [json.loads(p.read_text()) for p in sorted((ROOT / "results" / "scan_unlearn").glob("*.json"))]
     if after:
         lines += ["", "## The scan before and after `ibau.unlearn`", "",
@@ -293,6 +322,24 @@ def report(args) -> None:
             b, a = r["before"], r["after"]
             lines.append(f"| {r['model']} | {100 * b['acc']:.1f} / {100 * b['asr']:.1f} | {cell(r['scan_before'])} | "
                          f"{100 * a['acc']:.1f} / {100 * a['asr']:.1f} | {cell(r['scan_after'])} |")
+    bf16 = {r["model"]: r for r in (json.loads(q.read_text()) for q in sorted(_results("bf16").glob("*.json")))}
+    if bf16:
+        same = [r for r in records if r["model"] in bf16]
+        a, b = _measures(same), _measures([bf16[r["model"]] for r in same])
+        lines += ["", "## bfloat16 autocast against float32 (issue 15)", "",
+                  f"The same {len(same)} scans with `precision=\"bf16\"` (`python benchmarks/scan_zoo.py scan "
+                  "--precision bf16`, JSON in `benchmarks/results/scan_zoo_bf16/`).", "",
+                  "| measure | float32 | bfloat16 |", "|---|---|---|"]
+        lines += [f"| {k} | {a[k]} | {b[k]} |" for k in a]
+        lines += ["", "| model | truth | float32: verdict, classes, score | bfloat16: verdict, classes, score |",
+                  "|---|---|---|---|"]
+        for r in same:
+            t = r["truth"]
+            truth = "clean" if not t["backdoored"] else f"backdoor → {t['targets']}"
+
+            def cell(sc):
+                return f"{'backdoor' if sc['backdoored'] else 'clean'} {sc['target_classes']} {sc['score']:.2f}"
+            lines.append(f"| {r['model']} | {truth} | {cell(r['scan'])} | {cell(bf16[r['model']]['scan'])} |")
     lines.append("")
     tmp = REPORT.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
@@ -312,6 +359,8 @@ def main() -> None:
     p.add_argument("--only", nargs="*")
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="scan / time: the scan's arithmetic (bf16: bfloat16 autocast; results in scan_zoo_bf16/)")
     args = p.parse_args()
     {"train": train, "scan": scan, "unlearn": unlearn_scan, "time": time_alone, "report": report}[args.action](args)
 

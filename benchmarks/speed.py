@@ -37,7 +37,6 @@ WEIGHTS = "ibau-checkpoints/badnets_8_02_ckpt.pth"
 
 
 def main() -> None:
-    from ibau import IBAU
     from ibau.bench.sources import build_attack
     from ibau.bench.data import protocol_split
     from ibau.io import load_weights, write_json
@@ -86,22 +85,9 @@ def main() -> None:
         epoch = time.perf_counter() - t0
     step = sorted(step_times)[len(step_times) // 2]
 
-    # 2. time to effect of the default recipe
-    model = fresh()
-    before = metrics(model)
-
-    def stop_when(rec):
-        return (rec.get("asr", 1.0) < 0.2 and before["acc"] - rec.get("acc", 0.0) <= 0.02
-                and f"effective at {rec['point']}")
-
-    with PeakRSS() as mem_ibau:
-        res = IBAU(rounds=5, seed=0, progress=False).fit(model, xc.to(device), yc.to(device), evaluate=metrics,
-                                                         stop_when=stop_when)
-    rounds = [h for h in res.history if h.get("round", 0) > 0]
-    effective = res.stop_reason.startswith("effective")
-    batches = -(-len(xc) // 100)
-    outer_step = sorted(h["seconds_outer"] for h in rounds)[0] / batches  # includes the recovery step
-    inner_pass = sorted(h["seconds_inner"] for h in rounds)[0]
+    # 2. time to effect of the default recipe, and of the same recipe with the exact float32 outer step
+    effect = {name: time_to_effect(settings, fresh, metrics, xc.to(device), yc.to(device), step)
+              for name, settings in TIMED.items()}
 
     # 3. the whole ibau unlearn job (defaults)
     model = fresh()
@@ -117,15 +103,8 @@ def main() -> None:
                  "threads": torch.get_num_threads()},
         "training": {"epoch_seconds": epoch, "step_seconds_median": step, "steps": len(step_times),
                      "peak_rss_mb": mem_train.peak / 2**20},
-        "time_to_effect": {"effective": effective, "stop_reason": res.stop_reason,
-                           "rounds": len(rounds), "seconds": rounds[-1]["elapsed"] if rounds else None,
-                           "epochs": (rounds[-1]["elapsed"] / epoch) if rounds else None,
-                           "before": before, "after": {k: rounds[-1][k] for k in ("acc", "asr")} if rounds else None,
-                           "round_seconds": [h["seconds"] for h in rounds],
-                           "inner_pass_seconds": inner_pass,
-                           "outer_and_recovery_step_seconds": outer_step,
-                           "outer_and_recovery_step_in_training_steps": outer_step / step,
-                           "peak_rss_mb": mem_ibau.peak / 2**20},
+        "time_to_effect": {name: {**e, "epochs": e["seconds"] / epoch if e["seconds"] is not None else None}
+                           for name, e in effect.items()},
         "unlearn_job": {"seconds": job_seconds, "epochs": job_seconds / epoch, "phases": rep["seconds_phases"],
                         "rounds": rep["rounds"], "stop_reason": rep["stop_reason"],
                         "scan_before": {k: rep["scan_before"][k] for k in ("backdoored", "score", "target_classes")},
@@ -138,8 +117,44 @@ def main() -> None:
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 
+#: what part 2 times: the default recipe, and the default recipe with the float32 outer step whose
+#: hypergradient is the exact K-step value on the whole first batch (the recipe before issue 15)
+TIMED = {"default": {}, "default, float32, whole first batch": {"precision": "fp32", "fp_batch": None}}
+
+
+def time_to_effect(settings: dict, fresh, metrics, xc, yc, step: float) -> dict:
+    """Rounds of ``IBAU(**settings)`` until ASR < 20% with clean accuracy down by at most 2 points
+    (at most 5 rounds); the seconds exclude evaluation (the history's ``elapsed``)."""
+    from ibau import IBAU
+    from ibau.utils import PeakRSS
+
+    model = fresh()
+    before = metrics(model)
+
+    def stop_when(rec):
+        return (rec.get("asr", 1.0) < 0.2 and before["acc"] - rec.get("acc", 0.0) <= 0.02
+                and f"effective at {rec['point']}")
+
+    defense = IBAU(rounds=5, seed=0, progress=False, **settings)
+    with PeakRSS() as mem:
+        res = defense.fit(model, xc, yc, evaluate=metrics, stop_when=stop_when)
+    rounds = [h for h in res.history if h.get("round", 0) > 0]
+    batches = -(-len(xc) // 100)
+    outer_step = sorted(h["seconds_outer"] for h in rounds)[0] / batches  # includes the recovery step
+    return {"settings": {"precision": defense.precision, "fp_batch": defense.fp_batch},
+            "effective": res.stop_reason.startswith("effective"), "stop_reason": res.stop_reason,
+            "rounds": len(rounds), "seconds": rounds[-1]["elapsed"] if rounds else None,
+            "before": before, "after": {k: rounds[-1][k] for k in ("acc", "asr")} if rounds else None,
+            "round_seconds": [h["seconds"] for h in rounds],
+            "inner_pass_seconds": sorted(h["seconds_inner"] for h in rounds)[0],
+            "outer_and_recovery_step_seconds": outer_step,
+            "outer_and_recovery_step_in_training_steps": outer_step / step,
+            "peak_rss_mb": mem.peak / 2**20}
+
+
 def write_markdown(r: dict, path: Path) -> None:
-    t, tr, j = r["time_to_effect"], r["training"], r["unlearn_job"]
+    effect, tr, j = r["time_to_effect"], r["training"], r["unlearn_job"]
+    t = effect["default"]
     ph = j["phases"]
     lines = [
         "# Speed of the default recipe (issue 15)", "",
@@ -149,21 +164,25 @@ def write_markdown(r: dict, path: Path) -> None:
         "every number measured in one process, alone on the machine.", "",
         "| measure | seconds | in training epochs | goal (issue 15) |", "|---|---|---|---|",
         f"| one training epoch ({tr['steps']} steps of 100) | {tr['epoch_seconds']:.1f} | 1 | |",
-        f"| time to effect: rounds until ASR < 20% and ACC down <= 2 points "
-        f"({t['rounds']} round(s), {'effective' if t['effective'] else 'NOT effective'}) | "
-        f"{t['seconds']:.1f} | {t['epochs']:.1f} | <= 30 s (15 s) |",
+        *[f"| time to effect ({name}: {e['settings']['precision']}, fixed-point batch "
+          f"{e['settings']['fp_batch'] or 'whole'}): rounds until ASR < 20% and ACC down <= 2 points "
+          f"({e['rounds']} round(s), {'effective' if e['effective'] else 'NOT effective'}) | "
+          f"{e['seconds']:.1f} | {e['epochs']:.1f} | <= 30 s (15 s) |" for name, e in effect.items()],
         f"| whole `ibau.unlearn` job ({j['rounds']} rounds, scans, secondary measure) | {j['seconds']:.1f} | "
         f"{j['epochs']:.1f} | <= 120 s |",
         "", "| cost | value | goal |", "|---|---|---|",
         f"| one training step (median) | {tr['step_seconds_median']:.3f} s | |",
-        f"| one outer step + its recovery step | {t['outer_and_recovery_step_seconds']:.3f} s = "
-        f"{t['outer_and_recovery_step_in_training_steps']:.1f} training steps | <= 4 training steps (outer step) |",
-        f"| one inner pass (one step per batch, delta only) | {t['inner_pass_seconds']:.1f} s | |",
-        f"| peak RSS: training / I-BAU / whole job | {tr['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} / "
+        *[f"| {name}: one outer step + its recovery step | {e['outer_and_recovery_step_seconds']:.3f} s = "
+          f"{e['outer_and_recovery_step_in_training_steps']:.1f} training steps | <= 4 training steps (outer step) |"
+          for name, e in effect.items()],
+        *[f"| {name}: one inner pass (one step per batch, delta only) | {e['inner_pass_seconds']:.1f} s | |"
+          for name, e in effect.items()],
+        f"| peak RSS: training / I-BAU ({' / '.join(effect)}) / whole job | {tr['peak_rss_mb']:.0f} / "
+        f"{' / '.join(format(e['peak_rss_mb'], '.0f') for e in effect.values())} / "
         f"{j['peak_rss_mb']:.0f} MB | I-BAU <= 2x training |",
-        "", f"Time to effect: ACC/ASR {100 * t['before']['acc']:.1f} / {100 * t['before']['asr']:.1f}% -> "
-        f"{100 * t['after']['acc']:.1f} / {100 * t['after']['asr']:.1f}%; rounds took "
-        f"{', '.join(f'{s:.1f}' for s in t['round_seconds'])} s.",
+        "", *[f"Time to effect ({name}): ACC/ASR {100 * e['before']['acc']:.1f} / {100 * e['before']['asr']:.1f}% "
+              f"-> {100 * e['after']['acc']:.1f} / {100 * e['after']['asr']:.1f}%; rounds took "
+              f"{', '.join(f'{s:.1f}' for s in e['round_seconds'])} s." for name, e in effect.items()],
         f"The job: I-BAU rounds {ph['unlearning']:.1f} s, scans {ph['scan']:.1f} s, universal-perturbation "
         f"searches {ph['universal_perturbation_search']:.1f} s; scan before: "
         f"{'backdoor -> ' + str(j['scan_before']['target_classes']) if j['scan_before']['backdoored'] else 'clean'} "

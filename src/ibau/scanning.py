@@ -44,6 +44,7 @@ from .defenses.base import _wrap, check_images, check_labels
 from .errors import InputError, check_choice, check_int, check_number
 from .metrics import model_device
 from .models.fuse import fold_batchnorm
+from .precision import PRECISIONS, with_precision
 from .perturbation import check_normalize
 
 __all__ = ["scan", "MaskScan", "ScanResult", "SCANNERS", "verdict"]
@@ -129,6 +130,8 @@ class MaskScan:
             flagged; chosen on the zoo (``benchmarks/results/scan_zoo.md``).
         normalize: ``(mean, std)`` when the model expects normalised inputs.
         seed: seeds the batches and the starting masks.
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:mod:`ibau.precision`): the model's
+            passes under bfloat16 autocast, where the hardware computes it natively.
         progress: a progress bar on stderr.
     """
 
@@ -138,7 +141,7 @@ class MaskScan:
                  explore_images: int = 240,
                  lr: float = 0.1, init_cost: float = 1e-3, cost_multiplier: float = 1.5, patience: int = 10,
                  success: float = 0.9, threshold: float = 2.0, normalize: tuple | None = None, seed: int = 0,
-                 progress: bool = True):
+                 precision: str = "fp32", progress: bool = True):
         self.steps = check_int("steps", steps, low=3)
         explore_steps = steps // 3 if explore_steps is None else explore_steps
         self.explore_steps = check_int("explore_steps", explore_steps, low=1, high=self.steps - 1)
@@ -153,13 +156,14 @@ class MaskScan:
         self.threshold = check_number("threshold", threshold, low=0, low_open=True)
         self.normalize = check_normalize(normalize)
         self.seed = check_int("seed", seed)
+        self.precision = check_choice("precision", precision, PRECISIONS)
         self.progress = progress
 
     def config(self) -> dict[str, Any]:
         return {"method": self.name, "steps": self.steps, "explore_steps": self.explore_steps, "keep": self.keep,
                 "batch_size": self.batch_size, "explore_images": self.explore_images, "lr": self.lr, "init_cost": self.init_cost,
                 "cost_multiplier": self.cost_multiplier, "patience": self.patience, "success": self.success,
-                "threshold": self.threshold, "seed": self.seed}
+                "threshold": self.threshold, "seed": self.seed, "precision": self.precision}
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor) -> ScanResult:
         """Scan ``model`` with clean images ``x`` (N, C, H, W in [0, 1]) and labels ``y``;
@@ -175,7 +179,8 @@ class MaskScan:
         was = base.training
         base.eval()
         # only input gradients are needed: BatchNorm folded into the convolutions computes the same function faster
-        net = fold_batchnorm(base, channels_last=model_device(base).type == "cpu")
+        device = model_device(base)
+        net = with_precision(fold_batchnorm(base, channels_last=device.type == "cpu"), device, self.precision)
         flags = [p.requires_grad for p in base.parameters()]
         for p in base.parameters():
             p.requires_grad_(False)

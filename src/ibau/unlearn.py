@@ -34,7 +34,8 @@ from .defenses.ibau import IBAU, RECIPES
 from .errors import InputError, check_choice, check_int, check_number
 from .jobs.runner import (REPORT_SCHEMA_VERSION, JobResult, base_report, holdout_accuracy, run_measured,
                           split_holdout)
-from .metrics import predict
+from .metrics import model_device, predict
+from .precision import with_precision
 from .robustness import universal_attack
 
 __all__ = ["UnlearnResult", "unlearn", "split_holdout", "scaled_norm_bound", "REPORT_SCHEMA_VERSION"]
@@ -144,7 +145,8 @@ def unlearn(
 
     def robustness(m: nn.Module) -> tuple[dict, Tensor]:
         t0 = time.perf_counter()
-        res, delta = universal_attack(m, search, x_hold, y_hold, norm_bound=bound,
+        res, delta = universal_attack(with_precision(m, model_device(m), defense.precision), search, x_hold, y_hold,
+                                      norm_bound=bound,
                                       passes=robustness_passes, batch_size=defense.batch_size, seed=seed,
                                       progress=progress)
         phase["universal_perturbation_search"] += time.perf_counter() - t0
@@ -156,7 +158,9 @@ def unlearn(
     if scan:
         from .scanning import MaskScan
 
-        scanner = MaskScan(**{"seed": seed, "progress": progress, **(scan_settings or {})})
+        # the scan computes in the precision I-BAU does, unless scan_settings say otherwise
+        scanner = MaskScan(**{"seed": seed, "progress": progress, "precision": defense.precision,
+                              **(scan_settings or {})})
         x_scan, y_scan = x[clean_idx], y[clean_idx]  # the clean set after the hold-out
 
     def scan_of(m: nn.Module) -> dict[str, Any]:

@@ -124,24 +124,27 @@ def run_options(p, *, seed_help: str = "seed of every random draw (default: 0)")
 # IBAU settings exposed as options (the rest are set by the command itself).
 IBAU_OPTIONS = ("norm_bound", "batch_size", "outer_lr", "outer_optimizer", "outer_target", "inner_lr", "inner_reg",
                 "inner_optimizer", "inner_projection", "fp_step", "hypergrad_iters", "hypergrad_solver",
-                "perturb_fraction", "recovery_passes")
+                "perturb_fraction", "recovery_passes", "fp_batch", "precision")
 
 
 def ibau_options(p) -> None:
     """One option per I-BAU setting, its default shown from :class:`ibau.IBAU`'s signature."""
     from ..defenses.ibau import INNER_PROJECTIONS, OPTIMIZERS, OUTER_TARGETS, IBAU
     from ..hypergrad import SOLVERS
+    from ..precision import PRECISIONS
 
     g = p.add_argument_group("I-BAU settings (defaults: the default recipe's; --recipe paper: the paper's; "
                              "see help(ibau.IBAU))")
     params = inspect.signature(IBAU.__init__).parameters
     choices = {"outer_optimizer": sorted(OPTIMIZERS), "inner_optimizer": sorted(OPTIMIZERS),
                "hypergrad_solver": sorted(SOLVERS), "outer_target": list(OUTER_TARGETS),
-               "inner_projection": list(INNER_PROJECTIONS)}
+               "inner_projection": list(INNER_PROJECTIONS), "precision": list(PRECISIONS)}
     for name in IBAU_OPTIONS:
         default = params[name].default
         if name == "norm_bound":
             kind, shown = optional_float, "10 for 3x32x32 images, scaled to other sizes as 10*sqrt(C*H*W/3072)"
+        elif name == "fp_batch":
+            kind, shown = INT, f"{default} images of the first batch" if default else "the whole first batch"
         else:
             kind = str if name in choices else (INT if isinstance(default, int) and not isinstance(default, bool) else FLOAT)
             shown = default

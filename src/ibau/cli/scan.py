@@ -13,6 +13,7 @@ from .options import INT, FLOAT, command, data_options, data_source, defaults_of
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..precision import PRECISIONS
     from ..scanning import MaskScan
 
     d = defaults_of(MaskScan)
@@ -29,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: {d['threshold']:g})")
     s.add_argument("--steps", type=INT, default=argparse.SUPPRESS,
                    help=f"optimisation steps of the trigger search (default: {d['steps']})")
+    s.add_argument("--precision", default=argparse.SUPPRESS, choices=PRECISIONS,
+                   help="fp32, or bf16 autocast (2-3x faster where the CPU has AMX / AVX512-BF16, or on a GPU); "
+                        f"auto: bf16 where the device computes it natively (default: {d['precision']})")
     run_options(p, seed_help="seed of the trigger search (default: 0)")
 
 
@@ -37,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..jobs.commands import scan_job
 
-    settings = {k: getattr(args, k) for k in ("threshold", "steps") if hasattr(args, k)}
+    settings = {k: getattr(args, k) for k in ("threshold", "steps", "precision") if hasattr(args, k)}
     written = scan_job(model_source(args), data_source(args), report=args.report, report_dir=args.report_dir,
                        force=args.force, seed=args.seed, device=args.device, progress=not args.quiet,
                        settings=settings, log=log_of(args))

@@ -24,6 +24,7 @@ from ..hypergrad import SOLVERS, implicit_grad
 from ..models.fuse import fold_batchnorm
 from ..optim import OPTIMIZERS, make_optimizer
 from ..perturbation import perturbed_count
+from ..precision import PRECISIONS, with_precision
 from ._universal import Batch, Setup, UniversalPerturbation
 
 __all__ = ["IBAU", "UniversalPerturbation", "Batch", "perturbed_count", "PAPER_SETTINGS", "DEFAULT_SETTINGS",
@@ -36,7 +37,7 @@ PAPER_SETTINGS: dict[str, Any] = dict(
     rounds=5, norm_bound=10.0, inner_lr=10.0, inner_reg=1e-3, inner_optimizer="sgd", inner_projection="end",
     fp_step=0.1, fp_projected=False, hypergrad_iters=5, hypergrad_solver="fixed_point", hypergrad_tol=1e-10,
     outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, batch_size=100,
-    perturb_fraction=0.01, clip_images=None)
+    perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32")
 
 #: The default recipe (issue 13), chosen from the ablation table
 #: (``benchmarks/results/ablation_unlearn.md``): the paper's minimax, inner pass and implicit
@@ -166,6 +167,13 @@ class IBAU(UniversalPerturbation):
         fold_bn: compute through an eval-mode view with each BatchNorm folded into
             the convolution before it (:func:`ibau.models.fuse.fold_batchnorm`): the
             same gradients on the same parameters, about 1.6x faster outer steps on CPU.
+        fp_batch: images of the fixed-point map: the first ``fp_batch`` images of the first
+            clean batch (``None``: the whole first batch, as the paper). The map's double
+            backward passes cost in proportion to it; they are most of an outer step.
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:mod:`ibau.precision`): every
+            forward pass of the method (inner pass, outer loss, fixed-point map, recovery)
+            under bfloat16 autocast, weights and optimiser in float32; ``"auto"`` uses
+            bf16 where the device computes it natively (CPUs with AMX / AVX512-BF16, GPUs).
         distributed: data parallelism over the processes of a ``torch.distributed``
             group (e.g. launched with ``torchrun``; :mod:`ibau.distributed`): ``None``
             (default) uses it when a group of several processes is initialised,
@@ -218,6 +226,8 @@ class IBAU(UniversalPerturbation):
         seed: int = 0,
         clip_images: bool | None = True,
         fold_bn: bool = True,
+        fp_batch: int | None = None,
+        precision: str = "fp32",
         distributed: bool | None = None,
         progress: bool = True,
     ):
@@ -236,6 +246,8 @@ class IBAU(UniversalPerturbation):
         self.outer_target = check_choice("outer_target", outer_target, OUTER_TARGETS)
         self.recovery_passes = check_int("recovery_passes", recovery_passes, low=0)
         self.fold_bn = check_choice("fold_bn", fold_bn, (True, False))
+        self.fp_batch = None if fp_batch is None else check_int("fp_batch", fp_batch, low=1)
+        self.precision = check_choice("precision", precision, PRECISIONS)
         self.distributed = check_choice("distributed", distributed, (True, False, None))
 
     @classmethod
@@ -359,8 +371,8 @@ class IBAU(UniversalPerturbation):
 
     def outer_step(self, setup: Setup, delta: Tensor, batch: Batch) -> float:
         """One optimiser step of the model along the hypergradient summed over processes."""
-        grads, loss = self.hypergradient(setup.net, setup.params, delta, batch, setup.batches[0], setup.generator,
-                                         comm=setup.comm)
+        grads, loss = self.hypergradient(setup.net, setup.params, delta, batch, setup.first or setup.batches[0],
+                                         setup.generator, comm=setup.comm)
         for p, g in zip(setup.params, setup.comm.all_reduce_sum(grads)):
             p.grad = g
         setup.optimizer.step()
@@ -373,13 +385,22 @@ class IBAU(UniversalPerturbation):
             # the model's own soft predictions before unlearning, fitted instead of the labels
             with torch.no_grad():
                 setup.batches = [b._replace(y=F.softmax(setup.net(b.x), 1)) if len(b.x) else b for b in setup.batches]
+        if self.fp_batch is not None and self.fp_batch < setup.batches[0].size:
+            # the fixed-point map on the first fp_batch images of the (global) first batch
+            m = self.fp_batch
+            rows = setup.comm.shard(m)
+            x = run.x[rows].to(setup.batches[0].x.device, setup.batches[0].x.dtype)
+            y = run.y[rows].to(x.device)
+            if self.outer_target == "teacher" and len(x):
+                with torch.no_grad():
+                    y = F.softmax(setup.net(x), 1)
+            setup.first = Batch(x, y, (rows.stop - rows.start) / m, m, rows)
         return setup
 
     def compute_view(self, net: nn.Module, device: torch.device) -> nn.Module:
-        if not self.fold_bn:
-            return net
         # channels-last folded weights: ~10% faster double-backward convolutions on CPU
-        return fold_batchnorm(net, channels_last=device.type == "cpu")
+        view = fold_batchnorm(net, channels_last=device.type == "cpu") if self.fold_bn else net
+        return with_precision(view, device, self.precision)
 
     def round(self, r: int, setup: Setup, extras: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """One round of Algorithm 1: the inner maximisation, then one outer step per batch."""

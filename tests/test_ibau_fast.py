@@ -1,0 +1,131 @@
+"""Issue 15's cheaper outer steps: the fixed-point map on a subset of the first batch
+(``fp_batch``) and bfloat16 autocast (``precision``)."""
+
+import pytest
+import torch
+
+from ibau import IBAU, InputError
+from ibau import testing as toy
+from ibau.defenses.ibau import PAPER_SETTINGS
+from ibau.metrics import backdoor_metrics
+from ibau.models import SmallVGG
+from ibau.precision import Autocast, fast_bf16, uses_bf16, with_precision
+
+
+def _data(n=60, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def _vgg():
+    torch.manual_seed(0)
+    return SmallVGG(num_classes=5, image_size=8).eval()
+
+
+def _fit(**settings):
+    x, y = _data()
+    model = _vgg()
+    IBAU(rounds=1, batch_size=20, norm_bound=2.0, seed=1, progress=False, **settings).fit(model, x, y)
+    return model.state_dict()
+
+
+def _firsts(monkeypatch, **settings):
+    """The ``first`` batch that every outer step's hypergradient is given."""
+    seen = []
+    original = IBAU.hypergradient
+
+    def spy(self, net, params, delta, batch, first, generator, **kw):
+        seen.append(first)
+        return original(self, net, params, delta, batch, first, generator, **kw)
+
+    monkeypatch.setattr(IBAU, "hypergradient", spy)
+    _fit(**settings)
+    monkeypatch.undo()
+    return seen
+
+
+def test_fp_batch_is_the_first_images_of_the_first_batch(monkeypatch):
+    x, y = _data()
+    firsts = _firsts(monkeypatch, fp_batch=7, outer_target="labels")
+    assert len(firsts) == 3  # one per outer step, always the same images
+    for first in firsts:
+        assert torch.equal(first.x, x[:7]) and torch.equal(first.y, y[:7])
+        assert (first.weight, first.size) == (1.0, 7)
+    # with the default soft targets: the model's own predictions on those images
+    (first, *_) = _firsts(monkeypatch, fp_batch=7)
+    assert first.y.shape == (7, 5) and torch.allclose(first.y.sum(1), torch.ones(7))
+    # no subset (or one as large as a batch): the whole first batch, as in the paper
+    for settings in ({}, {"fp_batch": 20}, {"fp_batch": 500}):
+        (first, *_) = _firsts(monkeypatch, outer_target="labels", **settings)
+        assert torch.equal(first.x, x[:20])
+
+
+def test_fp_batch_as_large_as_a_batch_changes_nothing_and_a_smaller_one_does():
+    plain = _fit()
+    same = _fit(fp_batch=20)
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    other = _fit(fp_batch=5)
+    assert any(not torch.equal(plain[k], other[k]) for k in plain)
+
+
+def test_bf16_is_bit_identical_for_a_seed_and_its_hypergradient_close_to_float32():
+    first, again, fp32 = _fit(precision="bf16"), _fit(precision="bf16"), _fit()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], fp32[k]) for k in first)  # bf16 arithmetic is not float32's
+    # one outer step's hypergradient: the same direction, to bf16's rounding
+    net = _vgg()
+    params = list(net.parameters())
+    x, y = _data()
+    delta = 0.3 * torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        d = IBAU(batch_size=20, norm_bound=2.0, perturb_fraction=0.2, progress=False, precision=precision)
+        view = d.compute_view(net, torch.device("cpu"))
+        g, _ = d.hypergradient(view, params, delta, (x[20:40], y[20:40]), (x[:20], y[:20]),
+                               torch.Generator().manual_seed(11))
+        grads[precision] = torch.cat([t.flatten() for t in g])
+    a, b = grads["bf16"], grads["fp32"]
+    assert float(b.norm()) > 0
+    assert float((a - b).norm() / b.norm()) < 0.05
+
+
+def test_bf16_view_shares_the_weights_and_returns_float32():
+    net = _vgg()
+    view = with_precision(net, "cpu", "bf16")
+    assert isinstance(view, Autocast)
+    assert {id(p) for p in view.parameters()} == {id(p) for p in net.parameters()}
+    x, _ = _data(4)
+    out = view(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, net(x), atol=0.05, rtol=0.05)
+    assert with_precision(net, "cpu", "fp32") is net
+    assert uses_bf16("auto", "cpu") == fast_bf16("cpu")
+    assert uses_bf16("bf16", "cpu") and not uses_bf16("fp32", "cpu")
+
+
+def test_bad_settings_and_the_paper_recipe_keeps_float32_and_the_whole_batch():
+    with pytest.raises(InputError, match="precision"):
+        IBAU(precision="fp16")
+    with pytest.raises(InputError, match="fp_batch"):
+        IBAU(fp_batch=0)
+    paper = IBAU.paper(progress=False)
+    assert (paper.fp_batch, paper.precision) == (None, "fp32") == (PAPER_SETTINGS["fp_batch"],
+                                                                    PAPER_SETTINGS["precision"])
+
+
+def test_a_small_fixed_point_batch_in_bf16_still_unlearns_a_planted_backdoor():
+    """test_ibau.test_unlearns_a_planted_backdoor with both cheaper settings."""
+    x_eval, y_eval = toy.make_data(600, 99)
+    x_clean, y_clean = toy.make_data(800, 7)
+
+    def evaluate(m):
+        return backdoor_metrics(m, x_eval, y_eval, toy.trigger(), toy.TARGET)
+
+    model = toy.poisoned_model()
+    before = evaluate(model)
+    res = IBAU.paper(rounds=3, batch_size=50, outer_lr=1e-2, progress=False, fp_batch=12,
+                     precision="bf16").fit(model, x_clean, y_clean, evaluate=evaluate)
+    after = res.history[-1]
+    assert before["asr"] > 0.9
+    assert after["asr"] < 0.6 * before["asr"]
+    assert after["acc"] > before["acc"] - 0.1
