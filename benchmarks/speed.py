@@ -12,6 +12,8 @@ ACC / ASR on 500 of the lossless test images. Measured, in this order and in one
 2. the default recipe (``IBAU()``) round after round until ASR < 20% with clean accuracy down by
    at most 2 points (at most 5 rounds): *time to effect* excludes evaluation (the history's
    ``elapsed``); the seconds of one inner pass and of one outer step are read from the rounds;
+   then the same with the default recipe's exact float32 outer step (``precision="fp32"``,
+   ``fp_batch=None``: the whole first batch), the baseline of the cheaper step;
 3. ``ibau.unlearn`` with its defaults (10% held out, the scan before and after, the secondary
    universal-perturbation measure, the recipe's 2 rounds): the whole job, per phase.
 

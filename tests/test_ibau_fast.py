@@ -23,8 +23,10 @@ def _vgg():
 
 
 def _fit(**settings):
+    """One round on a small VGG; float32 and the whole first batch unless ``settings`` say otherwise."""
     x, y = _data()
     model = _vgg()
+    settings = {"precision": "fp32", "fp_batch": None, **settings}
     IBAU(rounds=1, batch_size=20, norm_bound=2.0, seed=1, progress=False, **settings).fit(model, x, y)
     return model.state_dict()
 
@@ -55,7 +57,7 @@ def test_fp_batch_is_the_first_images_of_the_first_batch(monkeypatch):
     (first, *_) = _firsts(monkeypatch, fp_batch=7)
     assert first.y.shape == (7, 5) and torch.allclose(first.y.sum(1), torch.ones(7))
     # no subset (or one as large as a batch): the whole first batch, as in the paper
-    for settings in ({}, {"fp_batch": 20}, {"fp_batch": 500}):
+    for settings in ({}, {"fp_batch": 20}, {"fp_batch": 500}):  # _fit's default: None
         (first, *_) = _firsts(monkeypatch, outer_target="labels", **settings)
         assert torch.equal(first.x, x[:20])
 
@@ -103,7 +105,9 @@ def test_bf16_view_shares_the_weights_and_returns_float32():
     assert uses_bf16("bf16", "cpu") and not uses_bf16("fp32", "cpu")
 
 
-def test_bad_settings_and_the_paper_recipe_keeps_float32_and_the_whole_batch():
+def test_the_default_recipe_is_cheaper_and_the_paper_recipe_keeps_float32_and_the_whole_batch():
+    default = IBAU()
+    assert (default.fp_batch, default.precision) == (25, "auto")
     with pytest.raises(InputError, match="precision"):
         IBAU(precision="fp16")
     with pytest.raises(InputError, match="fp_batch"):

@@ -127,6 +127,9 @@ def _unlearn_toy(**kw):
 
     x, y = toy.make_data(300, 5)
     model = toy.poisoned_model()
+    # float32 and the whole first batch: the trajectories below were measured with them, and the
+    # default precision "auto" would make them depend on the machine's CPU
+    kw = {"precision": "fp32", "fp_batch": None, **kw}
     return model, unlearn(model, x, y, holdout=100, rounds="auto", batch_size=50, norm_bound=2.5, robustness_passes=1, scan=False,
                           progress=False,
                           **kw).report

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .errors import check_choice
 
-__all__ = ["PRECISIONS", "fast_bf16", "Autocast", "with_precision", "uses_bf16"]
+__all__ = ["PRECISIONS", "fast_bf16", "Autocast", "with_precision", "uses_bf16", "arithmetic"]
 
 #: ``"fp32"``; ``"bf16"`` (autocast); ``"auto"``: bf16 where :func:`fast_bf16` says the device has it
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -58,3 +58,8 @@ def with_precision(net: nn.Module, device: torch.device | str, precision: str) -
     """``net`` itself for float32, an :class:`Autocast` view of it for bfloat16."""
     device = torch.device(device)
     return Autocast(net, device.type) if uses_bf16(precision, device) else net
+
+
+def arithmetic(view: nn.Module) -> str:
+    """``"bf16"`` for a view made by :func:`with_precision` in bfloat16, else ``"fp32"`` (for reports)."""
+    return "bf16" if isinstance(view, Autocast) else "fp32"

@@ -1,0 +1,65 @@
+"""The README's recipe table: per I-BAU variant, over the ten released models, ACC drop and ASR after
+the last round (mean ± s.d.), how many cells meet issue 13's targets, and the worst cell; read from the
+grid's JSON (``benchmarks/results/grid``) of the ablation experiments.
+
+    python benchmarks/recipe_table.py [--seeds]     # --seeds: also the cells of seeds 1 and 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+GRID = Path(__file__).resolve().parent / "results" / "grid"
+#: experiments of the released models, seed 0 (and the seed experiments with --seeds)
+EXPERIMENTS = ["ablation_unlearn_cifar10", "ablation_unlearn_gtsrb", "ablation_recipe_cifar10", "ablation_recipe_gtsrb",
+               "ablation_k1_cifar10", "ablation_k1_gtsrb", "ablation_fast_cifar10", "ablation_fast_gtsrb"]
+SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_cifar10", "ablation_fast_seeds_gtsrb"]
+TARGETS = {2500: (0.10, 0.015), 1000: (0.20, 0.03)}
+
+
+def cells(experiments: list[str]) -> dict:
+    """(variant, clean size) -> list of (model, split seed, ACC drop, ASR) after the last round."""
+    out = defaultdict(list)
+    for exp in experiments:
+        for path in sorted((GRID / exp).glob("*-ibau-*.json")):
+            rec = json.loads(path.read_text())
+            if rec.get("status", "ok") not in ("ok", "done", "finished") and "result" not in rec:
+                continue
+            p, r = rec["params"], rec["result"]
+            size = p["protocol"]["clean_size"]
+            if size not in TARGETS:
+                continue
+            drop = r["before"]["acc"] - r["after"]["acc"]
+            out[(p["variant"], size)].append((p["model"]["name"], p["protocol"]["split_seed"], drop, r["after"]["asr"]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", action="store_true", help="include the cells of seeds 1 and 2")
+    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25"])
+    args = ap.parse_args()
+    table = cells(EXPERIMENTS + (SEEDS if args.seeds else []))
+    print("| variant | clean images | cells | ACC drop (points) | ASR (%) | meet | worst drop | worst ASR |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v in args.variants:
+        for size in (2500, 1000):
+            rows = table.get((v, size), [])
+            if not rows:
+                continue
+            drops = [100 * d for _, _, d, _ in rows]
+            asrs = [100 * a for _, _, _, a in rows]
+            asr_t, drop_t = TARGETS[size]
+            meet = sum(a <= 100 * asr_t and d <= 100 * drop_t + 1e-9 for d, a in zip(drops, asrs))
+            sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
+            print(f"| {v} | {size:,} | {len(rows)} | {statistics.mean(drops):.1f} ± {sd(drops):.1f} | "
+                  f"{statistics.mean(asrs):.1f} ± {sd(asrs):.1f} | {meet}/{len(rows)} | {max(drops):.1f} | "
+                  f"{max(asrs):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
