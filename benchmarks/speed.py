@@ -143,7 +143,10 @@ def time_to_effect(settings: dict, fresh, metrics, xc, yc, step: float) -> dict:
     rounds = [h for h in res.history if h.get("round", 0) > 0]
     batches = -(-len(xc) // 100)
     outer_step = sorted(h["seconds_outer"] for h in rounds)[0] / batches  # includes the recovery step
-    return {"settings": {"precision": defense.precision, "fp_batch": defense.fp_batch},
+    from ibau.precision import uses_bf16
+
+    arithmetic = "bf16" if uses_bf16(defense.precision, xc.device) else "fp32"
+    return {"settings": {"precision": defense.precision, "fp_batch": defense.fp_batch, "arithmetic": arithmetic},
             "effective": res.stop_reason.startswith("effective"), "stop_reason": res.stop_reason,
             "rounds": len(rounds), "seconds": rounds[-1]["elapsed"] if rounds else None,
             "before": before, "after": {k: rounds[-1][k] for k in ("acc", "asr")} if rounds else None,
@@ -166,7 +169,8 @@ def write_markdown(r: dict, path: Path) -> None:
         "every number measured in one process, alone on the machine.", "",
         "| measure | seconds | in training epochs | goal (issue 15) |", "|---|---|---|---|",
         f"| one training epoch ({tr['steps']} steps of 100) | {tr['epoch_seconds']:.1f} | 1 | |",
-        *[f"| time to effect ({name}: {e['settings']['precision']}, fixed-point batch "
+        *[f"| time to effect ({name}: precision {e['settings']['precision']} = {e['settings']['arithmetic']}, "
+          f"fixed-point batch "
           f"{e['settings']['fp_batch'] or 'whole'}): rounds until ASR < 20% and ACC down <= 2 points "
           f"({e['rounds']} round(s), {'effective' if e['effective'] else 'NOT effective'}) | "
           f"{e['seconds']:.1f} | {e['epochs']:.1f} | <= 30 s (15 s) |" for name, e in effect.items()],
