@@ -51,6 +51,9 @@ def _ibau(solver: str, **settings) -> IBAU:
     # default recipe's soft targets leave SGD's first steps near zero (the model starts at
     # their optimum) and the check that the weights moved would see nothing.
     opt = {"outer_optimizer": "sgd", "outer_lr": 0.05, "outer_target": "labels"} if solver == "cg" else {}
+    # float32 and the whole first batch unless a variant says otherwise: bfloat16 rounds each process's
+    # share differently, so two processes would not match one to float32's tolerance
+    settings = {"precision": "fp32", "fp_batch": None, **settings}
     return IBAU(rounds=1, seed=3, batch_size=BATCH, perturb_fraction=0.05, hypergrad_solver=solver, norm_bound=2.0,
                 progress=False, **opt, **settings)
 
@@ -174,7 +177,7 @@ def test_torchrun_unlearn_matches_one_process(tmp_path):
     common = ["-m", "ibau", "unlearn", "--model-def", f"{tmp_path / 'net.py'}:build", "--weights",
               str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "clean.npz"), "--rounds", "1",
               "--norm-bound", "2", "--perturb-fraction", "0.05", "--outer-optimizer", "sgd", "--outer-lr", "0.05",
-              "--device", "cpu", "--quiet", "--no-scan"]
+              "--device", "cpu", "--quiet", "--no-scan", "--precision", "fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dist_run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())] + common +

@@ -65,7 +65,9 @@ def run_demo(out_dir: str | os.PathLike = "ibau-demo", *, seed: int = 0, force: 
     printer(f"poisoned model : clean accuracy {100 * before['acc']:.1f}%, attack success rate {100 * before['asr']:.1f}%")
     poisoned_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    result = unlearn(model, x[clean], y[clean], holdout=100, batch_size=25, seed=seed,
+    # float32 whatever the CPU: on 8x8 images bfloat16 saves nothing, and on this demo it left more of the
+    # backdoor (seed 0, one thread: 28.5% test ASR against 3.3% in float32)
+    result = unlearn(model, x[clean], y[clean], holdout=100, batch_size=25, seed=seed, precision="fp32",
                      progress=progress)
     after = backdoor_metrics(model, x[te], y[te], trigger, TARGET)
     printer(f"after I-BAU    : clean accuracy {100 * after['acc']:.1f}%, attack success rate {100 * after['asr']:.1f}%")
