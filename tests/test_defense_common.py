@@ -39,6 +39,15 @@ def test_trace_clock_excludes_evaluation_and_stops():
     assert time_to_effect(res.history[:2]) is None
 
 
+def test_time_to_effect_with_an_accuracy_limit_skips_points_that_wrecked_the_model():
+    history = [{"point": "before", "elapsed": 0.0, "acc": 0.9, "asr": 1.0},
+               {"point": "e1", "elapsed": 1.0, "acc": 0.5, "asr": 0.0},   # ASR down by wrecking the model
+               {"point": "e2", "elapsed": 2.0, "acc": 0.82, "asr": 0.1}]  # 8 points lost: effective
+    assert time_to_effect(history) == 1.0
+    assert time_to_effect(history, max_drop=0.1) == 2.0
+    assert time_to_effect(history, max_drop=0.05) is None
+
+
 def test_mad_anomaly_index_flags_the_outlier():
     v = torch.tensor([20.0, 21.0, 19.0, 22.0, 20.5, 4.0])
     idx = mad_anomaly_index(v)

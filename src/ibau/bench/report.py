@@ -168,11 +168,13 @@ def _multi_table(exp: Experiment, recs: list[dict[str, Any]], profile: str, fig_
 
 
 def _time_table(exp: Experiment, recs_by_exp: dict[str, list[dict]], profile: str, fig_dir: Path) -> list[str]:
-    lines = ["Seconds of defense work (evaluation excluded) until the first point with ASR < 20%, mean over the "
-             "one-target models where the defense got there (n/N: how many); ratio: to I-BAU's mean in the same "
-             "run. A defense that never takes effect on a model is slower than any time; it counts as a failure "
-             "in the ratio column (∞ when it never took effect).", "",
+    lines = ["Seconds of defense work (evaluation excluded) until the defense took effect, mean over the "
+             "one-target models where it did (n/N: how many); ratio: to I-BAU's mean in the same run. A defense "
+             "that never takes effect on a model is slower than any time; it counts as a failure in the ratio "
+             "column (∞ when it never took effect). Where the cells say `stop_max_drop`, taking effect means ASR "
+             "< 20% with clean accuracy down by at most that much; elsewhere ASR < 20% alone.", "",
              "| source | defense | ours: mean s (n/N) | ratio to I-BAU | paper s | paper ratio |", "|---|---|---|---|---|---|"]
+    summaries = []
     for src in exp.profile(profile).get("derive_from", []):
         recs = [r for r in recs_by_exp.get(src, []) if not _multi_target(r)]
         times = _effect_times(recs)
@@ -190,7 +192,19 @@ def _time_table(exp: Experiment, recs_by_exp: dict[str, list[dict]], profile: st
             pr = f"{p / pib:.0f}x" if p and pib else "-"
             lines.append(f"| {src} | {NAMES.get(d, d)} | {'-' if not ts else f'{m:.1f}'} ({len(ts)}/{n}) | {ratio} | "
                          f"{p if p is not None else '-'} | {pr} |")
-    return lines
+        fastest = _fastest_baseline(times)
+        if fastest and ib[0]:
+            d, m = fastest
+            summaries.append(f"{src}: the fastest baseline that took effect is {NAMES.get(d, d)} ({m:.1f} s); "
+                             f"I-BAU ({ib_mean:.1f} s) is {m / ib_mean:.2g}x faster.")
+    return lines + ([""] + summaries if summaries else [])
+
+
+def _fastest_baseline(times: dict[str, tuple[list[float], int]]) -> tuple[str, float] | None:
+    """(defense, mean seconds) of the baseline with the smallest mean time to effect among those that
+    took effect on some model, or None."""
+    means = {d: _mean_sd(ts)[0] for d, (ts, _) in times.items() if d in BASELINES and ts}
+    return min(means.items(), key=lambda kv: kv[1]) if means else None
 
 
 def _multi_target(rec: dict[str, Any]) -> bool:
@@ -572,24 +586,26 @@ def verdicts(recs_by_exp: dict[str, list[dict]], exps: dict[str, Experiment], pr
                 + (f" (100 images: {'effective' if at100 and not _failed(at100[0]) else 'not effective'})" if at100 else "")
                 + ("; baseline failures: " + ", ".join(f"{NAMES[d]} {n}" for d, n in base_fail.items()) if base_fail else "")))
     # 4. time to take effect
-    claim = "I-BAU takes effect fastest, by a large factor (≥ 5x; the paper: 6.6x to 450x) (Table 6)"
+    claim = ("I-BAU takes effect fastest, by a large factor (≥ 5x the fastest baseline that takes effect; the paper: "
+             "6.6x to 450x) (Table 6)")
     times = _effect_times([r for r in cells("speed") if not _multi_target(r)])
     ibt, ib_n = times.get("ibau", ([], 0))
-    ratios = {}
-    if ibt:
-        m = _mean_sd(ibt)[0]
-        ratios = {d: (_mean_sd(ts)[0] / m if ts else math.inf) for d, (ts, n) in times.items() if d in BASELINES}
+    fastest = _fastest_baseline(times)
     if not ib_n:
         out.append((claim, "not run", "no I-BAU cells"))
     elif not ibt:
         out.append((claim, "not reproduced", "I-BAU never took effect"))
-    elif not ratios:
-        out.append((claim, "not run", f"I-BAU {m:.1f} s; no baseline cell yet"))
+    elif not any(d in BASELINES for d in times):
+        out.append((claim, "not run", f"I-BAU {_mean_sd(ibt)[0]:.1f} s; no baseline cell yet"))
     else:
-        verdict = ("reproduced" if all(v >= 5 for v in ratios.values()) else
-                   "partly reproduced" if all(v > 1 for v in ratios.values()) else "not reproduced")
-        out.append((claim, verdict, f"I-BAU {m:.1f} s; ratios: " + ", ".join(
-            f"{NAMES[d]} {'∞' if v == math.inf else f'{v:.2g}x'}" for d, v in ratios.items())))
+        m = _mean_sd(ibt)[0]
+        ratio = fastest[1] / m if fastest else math.inf
+        verdict = "reproduced" if ratio >= 5 else "partly reproduced" if ratio > 1 else "not reproduced"
+        never = [NAMES[d] for d, (ts, _) in times.items() if d in BASELINES and not ts]
+        out.append((claim, verdict, f"I-BAU {m:.1f} s (effective on {len(ibt)}/{ib_n}); "
+                    + (f"fastest effective baseline {NAMES[fastest[0]]} {fastest[1]:.1f} s: {ratio:.2g}x"
+                       if fastest else "no baseline took effect")
+                    + (f"; never took effect: {', '.join(never)}" if never else "")))
     # 5. stability
     st = cells("stability")
     if not st:

@@ -26,6 +26,7 @@ A file looks like this (``benchmarks/configs/*.toml`` hold the paper's)::
     seeds = [0]
     clean_size = 5000
     stop_asr = 0.2                   # stop a defense at its first point with ASR < 20%
+    stop_max_drop = 0.1              # ... and clean accuracy down by at most 10 points (optional)
     settings.ibau = { rounds = 3 }   # per-defense keyword arguments
     axes = { "settings.ibau.norm_bound" = [0.5, 5, 10] }   # more axes: any cell key
     zip_axes = false                 # true: axes advance together instead of their product
@@ -63,7 +64,7 @@ __all__ = ["Experiment", "Cell", "SpecError", "is_common_file", "load_experiment
 PROFILE_KEYS = {
     "about", "dataset", "models", "defenses", "seeds", "clean_size", "eval_size", "split_seed", "stop_asr",
     "settings", "axes", "zip_axes", "measures", "task", "dp_train_size", "eval_batch", "derive_from", "tsne_images",
-    "clean_from",
+    "clean_from", "stop_max_drop",
 }
 
 #: where a cell's clean set comes from: the test split (the paper's protocol), or training images that the
@@ -252,7 +253,7 @@ def expand(exp: Experiment, profile: str) -> list[Cell]:
         "stop_asr": prof.get("stop_asr"),
         "measures": sorted(prof.get("measures", [])),
     }
-    for optional in ("dp_train_size", "tsne_images"):
+    for optional in ("dp_train_size", "tsne_images", "stop_max_drop"):
         if optional in prof:
             base[optional] = prof[optional]
     if "clean_from" in prof:  # only when given: the cells of older files keep their keys

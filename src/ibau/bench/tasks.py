@@ -126,15 +126,19 @@ def run_defend(params: dict[str, Any], env: Env) -> dict[str, Any]:
     else:
         fit_x, fit_y = xc, yc
     stop_asr = params.get("stop_asr")
+    max_drop = params.get("stop_max_drop")  # absent from older cells: ASR alone decides
 
     def effective(rec: dict[str, Any]) -> bool | str:
+        if max_drop is not None and before["acc"] - rec.get("acc", 0.0) > max_drop + 1e-12:
+            return False
         return rec.get("asr", 1.0) < stop_asr and f"effective at {rec['point']} (ASR < {stop_asr:g})"
 
     res = defense.fit(model, fit_x, fit_y, evaluate=evaluate, stop_when=None if stop_asr is None else effective)
     model = res.model
     last = {k: v for k, v in res.history[-1].items() if k in before}
     out.update(after=last, seconds=res.seconds, stop_reason=res.stop_reason, points=len(res.history) - 1,
-               time_to_effect=time_to_effect(res.history, threshold=stop_asr if stop_asr is not None else 0.2),
+               time_to_effect=time_to_effect(res.history, threshold=stop_asr if stop_asr is not None else 0.2,
+                                             max_drop=max_drop),
                history=[{k: v for k, v in h.items() if isinstance(v, (int, float, str, list, type(None)))}
                         for h in res.history],
                config=defense.config())

@@ -182,11 +182,17 @@ def check_labels(model: nn.Module, x: Tensor, y: Tensor) -> int:
     return classes
 
 
-def time_to_effect(history: list[dict[str, Any]], key: str = "asr", threshold: float = 0.2) -> float | None:
+def time_to_effect(history: list[dict[str, Any]], key: str = "asr", threshold: float = 0.2,
+                   max_drop: float | None = None) -> float | None:
     """``elapsed`` at the first point (not ``before``) whose ``key`` is below ``threshold``,
-    or ``None`` if there is none (the paper's Table 6 measure with ``key="asr"``)."""
+    or ``None`` if there is none (the paper's Table 6 measure with ``key="asr"``). With
+    ``max_drop``, the point must also keep ``acc`` within ``max_drop`` of the ``before``
+    point's (issue 15: a defense does not take effect by wrecking the model)."""
+    start = next((rec.get("acc") for rec in history if rec.get("point") == "before"), None)
     for rec in history:
         if rec.get("point") != "before" and key in rec and rec[key] < threshold:
+            if max_drop is not None and start is not None and start - rec.get("acc", -math.inf) > max_drop + 1e-12:
+                continue
             return float(rec["elapsed"])
     return None
 
