@@ -91,6 +91,29 @@ def test_bf16_is_bit_identical_for_a_seed_and_its_hypergradient_close_to_float32
     assert float((a - b).norm() / b.norm()) < 0.05
 
 
+def test_the_inner_maximisation_has_its_own_precision(monkeypatch):
+    """``inner_precision`` sets the inner pass's arithmetic apart from the outer steps'; ``None`` (the
+    default) follows ``precision``."""
+    seen = []
+    original = IBAU.synthesize
+
+    def spy(self, net, batches, **kw):
+        seen.append(isinstance(net, Autocast))
+        return original(self, net, batches, **kw)
+
+    monkeypatch.setattr(IBAU, "synthesize", spy)
+    for inner, expected in (("fp32", False), (None, True), ("bf16", True)):
+        seen.clear()
+        _fit(precision="bf16", inner_precision=inner)
+        assert seen == [expected], inner
+    seen.clear()
+    _fit(inner_precision="bf16")  # bf16 inner pass under float32 outer steps
+    assert seen == [True]
+    assert IBAU().inner_precision is None and IBAU.paper().inner_precision is None
+    with pytest.raises(InputError, match="inner_precision"):
+        IBAU(inner_precision="half")
+
+
 def test_bf16_view_shares_the_weights_and_returns_float32():
     net = _vgg()
     view = with_precision(net, "cpu", "bf16")

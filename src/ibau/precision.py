@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .errors import check_choice
 
-__all__ = ["PRECISIONS", "fast_bf16", "Autocast", "with_precision", "uses_bf16", "arithmetic"]
+__all__ = ["PRECISIONS", "fast_bf16", "Autocast", "with_precision", "uses_bf16", "arithmetic", "float32_view"]
 
 #: ``"fp32"``; ``"bf16"`` (autocast); ``"auto"``: bf16 where :func:`fast_bf16` says the device has it
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -63,3 +63,8 @@ def with_precision(net: nn.Module, device: torch.device | str, precision: str) -
 def arithmetic(view: nn.Module) -> str:
     """``"bf16"`` for a view made by :func:`with_precision` in bfloat16, else ``"fp32"`` (for reports)."""
     return "bf16" if isinstance(view, Autocast) else "fp32"
+
+
+def float32_view(view: nn.Module) -> nn.Module:
+    """The float32 module under a :func:`with_precision` view (the view itself when it is float32)."""
+    return view.net if isinstance(view, Autocast) else view

@@ -124,7 +124,7 @@ def run_options(p, *, seed_help: str = "seed of every random draw (default: 0)")
 # IBAU settings exposed as options (the rest are set by the command itself).
 IBAU_OPTIONS = ("norm_bound", "batch_size", "outer_lr", "outer_optimizer", "outer_target", "inner_lr", "inner_reg",
                 "inner_optimizer", "inner_projection", "fp_step", "hypergrad_iters", "hypergrad_solver",
-                "perturb_fraction", "recovery_passes", "fp_batch", "precision")
+                "perturb_fraction", "recovery_passes", "fp_batch", "precision", "inner_precision")
 
 
 def ibau_options(p) -> None:
@@ -138,11 +138,14 @@ def ibau_options(p) -> None:
     params = inspect.signature(IBAU.__init__).parameters
     choices = {"outer_optimizer": sorted(OPTIMIZERS), "inner_optimizer": sorted(OPTIMIZERS),
                "hypergrad_solver": sorted(SOLVERS), "outer_target": list(OUTER_TARGETS),
-               "inner_projection": list(INNER_PROJECTIONS), "precision": list(PRECISIONS)}
+               "inner_projection": list(INNER_PROJECTIONS), "precision": list(PRECISIONS),
+               "inner_precision": list(PRECISIONS)}
     for name in IBAU_OPTIONS:
         default = params[name].default
         if name == "norm_bound":
             kind, shown = optional_float, "10 for 3x32x32 images, scaled to other sizes as 10*sqrt(C*H*W/3072)"
+        elif name == "inner_precision":
+            kind, shown = str, "as --precision"
         elif name == "fp_batch":
             kind, shown = INT, f"{default} images of the first batch" if default else "the whole first batch"
         else:
