@@ -25,7 +25,6 @@ running on the machine.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import time
 from pathlib import Path
