@@ -115,7 +115,13 @@ def test_unlearn_through_arch_auto_rounds_and_report_dir(setup, tmp_path, capsys
     assert all("universal_success_rate" in h for h in report["history"])
     for f in ("report.md", "rounds.png", "perturbations.png", "samples.png", "report.json", "artifacts.npz"):
         assert (tmp_path / "rep" / f).is_file(), f
-    assert "clean accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "clean accuracy" in out
+    # the arithmetic the run used (precision "auto": bf16 where the CPU has it) is in the report and the summary
+    from ibau.precision import fast_bf16
+
+    assert report["config"]["arithmetic"] == ("bf16" if fast_bf16("cpu") else "fp32")
+    assert f"clean images ({report['config']['arithmetic']}); total" in out
     SmallVGG(10).load_state_dict(load_file(tmp_path / "o.safetensors"), strict=True)
 
 

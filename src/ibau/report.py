@@ -74,8 +74,9 @@ def summary(report: dict[str, Any]) -> str:
         f"secondary measure, strongest universal perturbation (||delta|| <= {_bound(report)}): fools "
         f"{_pct(rb['success_rate'])} -> {_pct(ra['success_rate'])} of correct predictions "
         f"(top class {rb['top_class']}: {_pct(rb['top_class_share'])} -> {ra['top_class']}: {_pct(ra['top_class_share'])})",
-        f"{report['rounds']} I-BAU round(s) on {report['clean_set_size']} clean images; {_times(report)}; "
-        f"{report['stop_reason']}",
+        f"{report['rounds']} I-BAU round(s) on {report['clean_set_size']} clean images"
+        + (f" ({report['config']['arithmetic']})" if report.get("config", {}).get("arithmetic") else "")
+        + f"; {_times(report)}; {report['stop_reason']}",
     ]
     lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
