@@ -234,17 +234,27 @@ def _tpr_at(pos: list[float], neg: list[float], fpr: float) -> float:
     return sum(p > threshold for p in pos) / len(pos)
 
 
+def _tally(records: list[dict]) -> dict[str, list]:
+    """What the zoo's headline numbers count: scores of backdoored (pos) and clean (neg) models, the clean
+    models flagged, the backdoored ones found, the one-target ones and those whose target is named, seconds."""
+    one = [r for r in records if isinstance(r["truth"]["targets"], list) and len(r["truth"]["targets"]) == 1]
+    return {"pos": [r["scan"]["score"] for r in records if r["truth"]["backdoored"]],
+            "neg": [r["scan"]["score"] for r in records if not r["truth"]["backdoored"]],
+            "flagged_clean": [r["model"] for r in records if not r["truth"]["backdoored"] and r["scan"]["backdoored"]],
+            "found": [r for r in records if r["truth"]["backdoored"] and r["scan"]["backdoored"]],
+            "one_target": one,
+            "named": [r for r in one if r["scan"]["backdoored"] and r["truth"]["targets"][0] in r["scan"]["target_classes"]],
+            "secs": [r["seconds"] for r in records]}
+
+
 def _measures(records: list[dict]) -> dict[str, str]:
     """The zoo's headline numbers over ``records``, formatted."""
-    pos = [r["scan"]["score"] for r in records if r["truth"]["backdoored"]]
-    neg = [r["scan"]["score"] for r in records if not r["truth"]["backdoored"]]
-    one = [r for r in records if isinstance(r["truth"]["targets"], list) and len(r["truth"]["targets"]) == 1]
-    named = [r for r in one if r["scan"]["backdoored"] and r["truth"]["targets"][0] in r["scan"]["target_classes"]]
-    secs = [r["seconds"] for r in records]
+    t = _tally(records)
+    pos, neg, secs = t["pos"], t["neg"], t["secs"]
     return {"AUROC": f"{_auroc(pos, neg):.3f}", "true-positive rate at 5% false positives": f"{_tpr_at(pos, neg, 0.05):.2f}",
-            "backdoored models flagged": f"{sum(r['scan']['backdoored'] for r in records if r['truth']['backdoored'])}/{len(pos)}",
-            "clean models flagged": f"{sum(r['scan']['backdoored'] for r in records if not r['truth']['backdoored'])}/{len(neg)}",
-            "one-target models whose target is named": f"{len(named)}/{len(one)}",
+            "backdoored models flagged": f"{len(t['found'])}/{len(pos)}",
+            "clean models flagged": f"{len(t['flagged_clean'])}/{len(neg)}",
+            "one-target models whose target is named": f"{len(t['named'])}/{len(t['one_target'])}",
             "seconds per model (mean, cores shared)": f"{sum(secs) / len(secs):.0f}"}
 
 
@@ -252,13 +262,9 @@ def report(args) -> None:
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     if not records:
         sys.exit("no results: run `python benchmarks/scan_zoo.py scan` first")
-    pos = [r["scan"]["score"] for r in records if r["truth"]["backdoored"]]
-    neg = [r["scan"]["score"] for r in records if not r["truth"]["backdoored"]]
-    flagged_clean = [r["model"] for r in records if not r["truth"]["backdoored"] and r["scan"]["backdoored"]]
-    found = [r for r in records if r["truth"]["backdoored"] and r["scan"]["backdoored"]]
-    one_target = [r for r in records if isinstance(r["truth"]["targets"], list) and len(r["truth"]["targets"]) == 1]
-    named = [r for r in one_target if r["scan"]["backdoored"] and r["truth"]["targets"][0] in r["scan"]["target_classes"]]
-    secs = [r["seconds"] for r in records]
+    t = _tally(records)
+    pos, neg, flagged_clean, found = t["pos"], t["neg"], t["flagged_clean"], t["found"]
+    one_target, named, secs = t["one_target"], t["named"], t["secs"]
 
     def nc_index(r):  # Neural Cleanse's statistic: the anomaly index of the smallest explored mask
         return max(c["anomaly_index"] for c in r["scan"]["per_class"]

@@ -142,10 +142,10 @@ def time_to_effect(settings: dict, fresh, metrics, xc, yc, step: float) -> dict:
     rounds = [h for h in res.history if h.get("round", 0) > 0]
     batches = -(-len(xc) // 100)
     outer_step = sorted(h["seconds_outer"] for h in rounds)[0] / batches  # includes the recovery step
-    from ibau.precision import uses_bf16
+    from ibau.precision import arithmetic
 
-    arithmetic = "bf16" if uses_bf16(defense.precision, xc.device) else "fp32"
-    return {"settings": {"precision": defense.precision, "fp_batch": defense.fp_batch, "arithmetic": arithmetic},
+    return {"settings": {"precision": defense.precision, "fp_batch": defense.fp_batch,
+                         "arithmetic": arithmetic(defense.precision, xc.device)},
             "effective": res.stop_reason.startswith("effective"), "stop_reason": res.stop_reason,
             "rounds": len(rounds), "seconds": rounds[-1]["elapsed"] if rounds else None,
             "before": before, "after": {k: rounds[-1][k] for k in ("acc", "asr")} if rounds else None,

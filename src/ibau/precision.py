@@ -60,9 +60,9 @@ def with_precision(net: nn.Module, device: torch.device | str, precision: str) -
     return Autocast(net, device.type) if uses_bf16(precision, device) else net
 
 
-def arithmetic(view: nn.Module) -> str:
-    """``"bf16"`` for a view made by :func:`with_precision` in bfloat16, else ``"fp32"`` (for reports)."""
-    return "bf16" if isinstance(view, Autocast) else "fp32"
+def arithmetic(precision: str, device: torch.device | str) -> str:
+    """``"bf16"`` or ``"fp32"``: what ``precision`` computes in on ``device`` (for reports)."""
+    return "bf16" if uses_bf16(precision, device) else "fp32"
 
 
 def float32_view(view: nn.Module) -> nn.Module:

@@ -204,7 +204,7 @@ class MaskScan:
         suspects = targets or ranked[:1]
         return ScanResult(backdoored=bool(targets), score=float(score), threshold=self.threshold,
                           target_classes=targets, per_class=per_class, seconds=time.perf_counter() - t0,
-                          method=self.name, config={**self.config(), "arithmetic": _arithmetic(net)},
+                          method=self.name, config={**self.config(), "arithmetic": _arithmetic(self.precision, device)},
                           triggers={k: tensors[k] for k in suspects})
 
     def _search(self, net: nn.Module, x: Tensor, y: Tensor, num_classes: int, tqdm):

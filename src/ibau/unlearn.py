@@ -35,7 +35,7 @@ from .errors import InputError, check_choice, check_int, check_number
 from .jobs.runner import (REPORT_SCHEMA_VERSION, JobResult, base_report, holdout_accuracy, run_measured,
                           split_holdout)
 from .metrics import model_device, predict
-from .precision import uses_bf16, with_precision
+from .precision import arithmetic, with_precision
 from .robustness import universal_attack
 
 __all__ = ["UnlearnResult", "unlearn", "split_holdout", "scaled_norm_bound", "REPORT_SCHEMA_VERSION"]
@@ -258,7 +258,7 @@ def unlearn(
                 "min_improvement": min_improvement, "robustness_passes": robustness_passes,
                 "robustness_images": len(search), "holdout": holdout, "seed": seed, "robustness_bound": bound,
                 "scan": scanner.config() if scanner is not None else None,
-                "arithmetic": "bf16" if uses_bf16(defense.precision, model_device(model)) else "fp32"},
+                "arithmetic": arithmetic(defense.precision, model_device(model))},
         robustness_before=rob_before, robustness_after=rob_after, **scans, clean_set_size=len(clean_idx),
         rounds=len(outcome["history"]), kept_round=outcome["kept_round"], stop_reason=outcome["stop_reason"],
         seconds=time.perf_counter() - t_start, seconds_unlearning=run.result.seconds,

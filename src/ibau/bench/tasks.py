@@ -27,7 +27,7 @@ import torch
 
 from ..jobs.runner import make_defense
 from .spec import SpecError
-from ..defenses.base import time_to_effect
+from ..defenses.base import time_to_effect, took_effect
 from ..metrics import predict
 from ..poisoning import evaluate_attack, subset
 from . import data as bdata
@@ -129,9 +129,8 @@ def run_defend(params: dict[str, Any], env: Env) -> dict[str, Any]:
     max_drop = params.get("stop_max_drop")  # absent from older cells: ASR alone decides
 
     def effective(rec: dict[str, Any]) -> bool | str:
-        if max_drop is not None and before["acc"] - rec.get("acc", 0.0) > max_drop + 1e-12:
-            return False
-        return rec.get("asr", 1.0) < stop_asr and f"effective at {rec['point']} (ASR < {stop_asr:g})"
+        return (took_effect(rec, before["acc"], stop_asr, max_drop)
+                and f"effective at {rec['point']} (ASR < {stop_asr:g})")
 
     res = defense.fit(model, fit_x, fit_y, evaluate=evaluate, stop_when=None if stop_asr is None else effective)
     model = res.model

@@ -62,7 +62,7 @@ class Setup:
     optimizer: torch.optim.Optimizer  # the outer optimiser
     generator: torch.Generator  # seeded: which images receive delta
     comm: Comm  # the processes (a stand-in for one)
-    first: Batch | None = None  # I-BAU: the images of the fixed-point map (default: the first batch)
+    first: Batch | None = None  # I-BAU: the images of the fixed-point map (set by IBAU._prepare)
 
 
 class UniversalPerturbation(Defense):

@@ -182,17 +182,24 @@ def check_labels(model: nn.Module, x: Tensor, y: Tensor) -> int:
     return classes
 
 
+def took_effect(rec: dict[str, Any], start_acc: float | None, threshold: float = 0.2,
+                max_drop: float | None = None, key: str = "asr") -> bool:
+    """Whether a history point has ``key`` below ``threshold`` and, with ``max_drop``, keeps
+    ``acc`` within ``max_drop`` of ``start_acc`` (issue 15: a defense does not take effect
+    by wrecking the model)."""
+    if key not in rec or not rec[key] < threshold:
+        return False
+    return max_drop is None or start_acc is None or start_acc - rec.get("acc", -math.inf) <= max_drop + 1e-12
+
+
 def time_to_effect(history: list[dict[str, Any]], key: str = "asr", threshold: float = 0.2,
                    max_drop: float | None = None) -> float | None:
-    """``elapsed`` at the first point (not ``before``) whose ``key`` is below ``threshold``,
-    or ``None`` if there is none (the paper's Table 6 measure with ``key="asr"``). With
-    ``max_drop``, the point must also keep ``acc`` within ``max_drop`` of the ``before``
-    point's (issue 15: a defense does not take effect by wrecking the model)."""
+    """``elapsed`` at the first point (not ``before``) that :func:`took_effect`, or ``None`` if
+    there is none (the paper's Table 6 measure with ``key="asr"``; ``max_drop`` against the
+    ``before`` point's accuracy)."""
     start = next((rec.get("acc") for rec in history if rec.get("point") == "before"), None)
     for rec in history:
-        if rec.get("point") != "before" and key in rec and rec[key] < threshold:
-            if max_drop is not None and start is not None and start - rec.get("acc", -math.inf) > max_drop + 1e-12:
-                continue
+        if rec.get("point") != "before" and took_effect(rec, start, threshold, max_drop, key):
             return float(rec["elapsed"])
     return None
 

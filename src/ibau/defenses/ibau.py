@@ -391,8 +391,8 @@ class IBAU(UniversalPerturbation):
 
     def outer_step(self, setup: Setup, delta: Tensor, batch: Batch) -> float:
         """One optimiser step of the model along the hypergradient summed over processes."""
-        grads, loss = self.hypergradient(setup.net, setup.params, delta, batch, setup.first if setup.first is not None else setup.batches[0],
-                                         setup.generator, comm=setup.comm)
+        grads, loss = self.hypergradient(setup.net, setup.params, delta, batch, setup.first, setup.generator,
+                                         comm=setup.comm)
         for p, g in zip(setup.params, setup.comm.all_reduce_sum(grads)):
             p.grad = g
         setup.optimizer.step()
@@ -405,6 +405,7 @@ class IBAU(UniversalPerturbation):
             # the model's own soft predictions before unlearning, fitted instead of the labels
             with torch.no_grad():
                 setup.batches = [b._replace(y=F.softmax(setup.net(b.x), 1)) if len(b.x) else b for b in setup.batches]
+        setup.first = setup.batches[0]
         if self.fp_batch is not None and self.fp_batch < setup.batches[0].size:
             # the fixed-point map on the first fp_batch images of the (global) first batch
             m = self.fp_batch
