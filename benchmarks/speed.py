@@ -125,7 +125,8 @@ TIMED = {"default": {}, "default, float32, whole first batch": {"precision": "fp
 
 def time_to_effect(settings: dict, fresh, metrics, xc, yc, step: float) -> dict:
     """Rounds of ``IBAU(**settings)`` until ASR < 20% with clean accuracy down by at most 2 points
-    (at most 5 rounds); the seconds exclude evaluation (the history's ``elapsed``)."""
+    (at most 5 rounds); the seconds exclude evaluation (the history's ``elapsed``) and include
+    the scan I-BAU runs first when it stamps reversed triggers (``reversed_fraction``)."""
     from ibau import IBAU
     from ibau.utils import PeakRSS
 
@@ -141,11 +142,16 @@ def time_to_effect(settings: dict, fresh, metrics, xc, yc, step: float) -> dict:
         res = defense.fit(model, xc, yc, evaluate=metrics, stop_when=stop_when)
     rounds = [h for h in res.history if h.get("round", 0) > 0]
     batches = -(-len(xc) // 100)
-    outer_step = sorted(h["seconds_outer"] for h in rounds)[0] / batches  # includes the recovery step
+    # one outer step and one recovery step (a round has one outer step and recovery_passes recovery steps per batch)
+    passes = max(defense.recovery_passes, 1)
+    outer_step = min((h["seconds_outer"] - h.get("seconds_recovery", 0.0)) / batches
+                     + h.get("seconds_recovery", 0.0) / (batches * passes) for h in rounds)
     from ibau.precision import arithmetic
 
     return {"settings": {"precision": defense.precision, "fp_batch": defense.fp_batch,
+                         "recovery_passes": defense.recovery_passes, "reversed_fraction": defense.reversed_fraction,
                          "arithmetic": arithmetic(defense.precision, xc.device)},
+            "reversed_classes": res.extras.get("reversed_classes"),
             "effective": res.stop_reason.startswith("effective"), "stop_reason": res.stop_reason,
             "rounds": len(rounds), "seconds": rounds[-1]["elapsed"] if rounds else None,
             "before": before, "after": {k: rounds[-1][k] for k in ("acc", "asr")} if rounds else None,
@@ -170,7 +176,10 @@ def write_markdown(r: dict, path: Path) -> None:
         f"| one training epoch ({tr['steps']} steps of 100) | {tr['epoch_seconds']:.1f} | 1 | |",
         *[f"| time to effect ({name}: precision {e['settings']['precision']} = {e['settings']['arithmetic']}, "
           f"fixed-point batch "
-          f"{e['settings']['fp_batch'] or 'whole'}): rounds until ASR < 20% and ACC down <= 2 points "
+          f"{e['settings']['fp_batch'] or 'whole'}, {e['settings']['recovery_passes']} recovery pass(es)"
+          + (f", the scan's reversed trigger on {e['settings']['reversed_fraction']:.0%} of the recovery images, "
+             f"the scan included" if e["settings"]["reversed_fraction"] else "")
+          + "): rounds until ASR < 20% and ACC down <= 2 points "
           f"({e['rounds']} round(s), {'effective' if e['effective'] else 'NOT effective'}) | "
           f"{e['seconds']:.1f} | {e['epochs']:.1f} | <= 30 s (15 s) |" for name, e in effect.items()],
         f"| whole `ibau.unlearn` job ({j['rounds']} rounds, scans, secondary measure) | {j['seconds']:.1f} | "

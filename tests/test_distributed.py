@@ -58,9 +58,19 @@ def _ibau(solver: str, **settings) -> IBAU:
                 progress=False, **opt, **settings)
 
 
-#: the fits compared between two processes and one: each solver, and the fixed-point map on a subset of the
-#: first batch whose rows the two processes split differently from the batch's (issue 15)
-VARIANTS = {"fixed_point": {}, "cg": {}, "fixed_point+fp_batch": {"fp_batch": 7}}
+def _stamps() -> dict:
+    """Two reversed triggers for ``reversed_fraction``: a white corner and a grey centre."""
+    a, b = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
+    a[:, 6:, 6:] = 1.0
+    b[:, 3:5, 3:5] = 0.5
+    return {2: {"mask": a, "pattern": torch.ones(1, 8, 8)}, 5: {"mask": b, "pattern": torch.zeros(1, 8, 8)}}
+
+
+#: the fits compared between two processes and one: each solver, the fixed-point map on a subset of the
+#: first batch whose rows the two processes split differently from the batch's (issue 15), and recovery
+#: passes that stamp reversed triggers on images drawn for the global batch (issue 13)
+VARIANTS = {"fixed_point": {}, "cg": {}, "fixed_point+fp_batch": {"fp_batch": 7},
+            "fixed_point+reversed": {"reversed_fraction": 0.3, "reversed_triggers": _stamps()}}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:

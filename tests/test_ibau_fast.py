@@ -4,27 +4,19 @@
 import pytest
 import torch
 
-from ibau import IBAU, InputError
+from ibau import IBAU, InputError, testing as toy
 from ibau.defenses.ibau import PAPER_SETTINGS
-from ibau.models import SmallVGG
 from ibau.precision import Autocast, fast_bf16, uses_bf16, with_precision
 
-
-def _data(n=60, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
-
-
-def _vgg():
-    torch.manual_seed(0)
-    return SmallVGG(num_classes=5, image_size=8).eval()
+_data, _vgg = toy.noise_data, toy.seeded_vgg
 
 
 def _fit(**settings):
     """One round on a small VGG; float32 and the whole first batch unless ``settings`` say otherwise."""
     x, y = _data()
     model = _vgg()
-    settings = {"precision": "fp32", "fp_batch": None, **settings}
+    # without the reversed triggers' scan: these tests are about the outer steps
+    settings = {"precision": "fp32", "fp_batch": None, "reversed_fraction": 0.0, **settings}
     IBAU(rounds=1, batch_size=20, norm_bound=2.0, seed=1, progress=False, **settings).fit(model, x, y)
     return model.state_dict()
 

@@ -64,6 +64,10 @@ def _times(report: dict[str, Any]) -> str:
     return f"total {report['seconds']:.1f} s" + (f" ({', '.join(parts)})" if parts else "")
 
 
+def _classes(classes: list[int]) -> str:
+    return ", ".join(str(k) for k in classes)
+
+
 def summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     rb, ra = report["robustness_before"], report["robustness_after"]
@@ -76,6 +80,8 @@ def summary(report: dict[str, Any]) -> str:
         f"(top class {rb['top_class']}: {_pct(rb['top_class_share'])} -> {ra['top_class']}: {_pct(ra['top_class_share'])})",
         f"{report['rounds']} I-BAU round(s) on {report['clean_set_size']} clean images"
         + (f" ({report['config']['arithmetic']})" if report.get("config", {}).get("arithmetic") else "")
+        + (f", recovery also unlearning the scan's reversed trigger (class {_classes(report['reversed_classes'])})"
+           if report.get("reversed_classes") else "")
         + f"; {_times(report)}; {report['stop_reason']}",
     ]
     lines += [f"warning: {w}" for w in report.get("warnings", [])]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["C", "S", "K", "TARGET", "NOISE", "TinyNet", "trigger", "make_data", "poisoned_state", "poisoned_model",
-           "digits_target_of", "digits_backdoor", "digits_metrics"]
+           "digits_target_of", "digits_backdoor", "digits_metrics", "noise_data", "seeded_vgg"]
 
 C, S, K = 3, 8, 4  # channels, side, classes of the generated task
 TARGET = 0
@@ -155,3 +155,18 @@ def digits_metrics(model: nn.Module, d: dict) -> dict[str, float]:
 
     return {"acc": clean_accuracy(model, d["x_test"], d["y_test"]),
             "asr": attack_success_rate(model, d["x_test"], d["y_test"], d["trigger"], d["target_of"])}
+
+
+# -- unstructured inputs for the arithmetic of a method ----------------------------------
+def noise_data(n: int = 60, seed: int = 3, num_classes: int = 5) -> tuple[Tensor, Tensor]:
+    """``n`` uniform-noise 3x8x8 images and random labels in ``[0, num_classes)``, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, num_classes, (n,), generator=g)
+
+
+def seeded_vgg(num_classes: int = 5) -> nn.Module:
+    """The paper's small VGG at 3x8x8, built after ``torch.manual_seed(0)``, in eval mode."""
+    from .models import SmallVGG
+
+    torch.manual_seed(0)
+    return SmallVGG(num_classes=num_classes, image_size=8).eval()

@@ -109,7 +109,10 @@ def unlearn(
             after the hold-out) before and after unlearning, and with ``rounds="auto"``
             after every round: the run stops once the scan finds no backdoor (and the
             accuracy limit holds). The report's ``scan_before`` / ``scan_after`` hold the
-            verdicts. ``False``: no scan (the universal-perturbation rate decides ``"auto"``).
+            verdicts. ``False``: no scan (the universal-perturbation rate decides ``"auto"``),
+            and so no reversed triggers for I-BAU's recovery passes (``reversed_fraction``).
+            With the scan, I-BAU's recovery stamps the triggers of the classes the scan before
+            flagged (none when it flags none), without scanning again.
         scan_settings: keyword arguments of :class:`ibau.scanning.MaskScan` (e.g. ``steps``).
         **ibau_kwargs: settings of :class:`ibau.IBAU` (``norm_bound``, ``outer_lr``, ...).
     """
@@ -155,6 +158,8 @@ def unlearn(
     sample_x = x_hold[:samples]
     measured: dict[str, Any] = {}
     scanner = None
+    if not scan:  # the recovery's reversed triggers come from the scan before: none without it
+        defense.use_reversed_triggers({})
     if scan:
         from .scanning import MaskScan
 
@@ -163,17 +168,19 @@ def unlearn(
                               **(scan_settings or {})})
         x_scan, y_scan = x[clean_idx], y[clean_idx]  # the clean set after the hold-out
 
-    def scan_of(m: nn.Module) -> dict[str, Any]:
+    def scan_of(m: nn.Module, *, give_triggers: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
-        out = scanner.run(m, x_scan, y_scan).as_dict()
+        found = scanner.run(m, x_scan, y_scan)
         phase["scan"] += time.perf_counter() - t0
-        return out
+        if give_triggers:  # I-BAU's recovery stamps what this scan flagged (reversed_fraction)
+            defense.use_reversed_triggers({k: t for k, t in found.triggers.items() if k in found.target_classes})
+        return found.as_dict()
 
     def before(net: nn.Module, xh: Tensor, yh: Tensor) -> None:
         measured["acc_before"] = holdout_accuracy(net, xh, yh)
         measured["rob_before"], measured["udelta_before"] = robustness(net)
         if scanner is not None:
-            measured["scan_before"] = scan_of(net)
+            measured["scan_before"] = scan_of(net, give_triggers=defense.reversed_fraction > 0)
         measured["preds_before"] = {"clean": predict(net, sample_x),
                                     "perturbed": predict(net, sample_x + measured["udelta_before"])}
 
@@ -259,7 +266,8 @@ def unlearn(
                 "robustness_images": len(search), "holdout": holdout, "seed": seed, "robustness_bound": bound,
                 "scan": scanner.config() if scanner is not None else None,
                 "arithmetic": arithmetic(defense.precision, model_device(model))},
-        robustness_before=rob_before, robustness_after=rob_after, **scans, clean_set_size=len(clean_idx),
+        robustness_before=rob_before, robustness_after=rob_after, **scans,
+        reversed_classes=run.result.extras.get("reversed_classes", []), clean_set_size=len(clean_idx),
         rounds=len(outcome["history"]), kept_round=outcome["kept_round"], stop_reason=outcome["stop_reason"],
         seconds=time.perf_counter() - t_start, seconds_unlearning=run.result.seconds,
         seconds_phases={"unlearning": run.result.seconds, **phase}, history=outcome["history"],

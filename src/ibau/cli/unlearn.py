@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="l2 bound of the universal-perturbation search (default: the I-BAU bound)")
     sc = p.add_argument_group("backdoor scan (ibau scan, before and after; --rounds auto stops when it finds none)")
     sc.add_argument("--scan", action=argparse.BooleanOptionalAction, default=defaults["scan"],
-                    help="scan the model before and after unlearning (default: on)")
+                    help="scan the model before and after unlearning (default: on); the recovery passes stamp the "
+                         "triggers the scan before reverse-engineered (--reversed-fraction), none with --no-scan")
     sc.add_argument("--scan-steps", type=INT, default=argparse.SUPPRESS,
                     help="optimisation steps of each scan (default: ibau.scanning.MaskScan's)")
     run_options(p, seed_help="seed of the split, I-BAU, the robustness search and the scan (default: 0)")

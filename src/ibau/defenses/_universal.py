@@ -63,6 +63,7 @@ class Setup:
     generator: torch.Generator  # seeded: which images receive delta
     comm: Comm  # the processes (a stand-in for one)
     first: Batch | None = None  # I-BAU: the images of the fixed-point map (set by IBAU._prepare)
+    reversed: dict | None = None  # I-BAU: class -> reversed trigger stamped in recovery (reversed_fraction)
 
 
 class UniversalPerturbation(Defense):
