@@ -46,9 +46,11 @@ def scan_line(report: dict[str, Any], label: str = "scan") -> str | None:
     run had no scan."""
     if "scan_before" not in report:
         return None
+    from .scanning import class_list
+
     before, after = report["scan_before"], report["scan_after"]
     if before["backdoored"]:
-        after_text = ("still found -> class " + ", ".join(map(str, after["target_classes"]))
+        after_text = ("still found -> class " + class_list(after["target_classes"])
                       if after["backdoored"] else "no longer found")
         after_text += f" (score {after['score']:.2f})"
     else:
@@ -64,12 +66,10 @@ def _times(report: dict[str, Any]) -> str:
     return f"total {report['seconds']:.1f} s" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def _classes(classes: list[int]) -> str:
-    return ", ".join(str(k) for k in classes)
-
-
 def summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal."""
+    from .scanning import class_list
+
     rb, ra = report["robustness_before"], report["robustness_after"]
     verdict = scan_line(report)
     lines = ([verdict] if verdict else []) + [
@@ -80,7 +80,7 @@ def summary(report: dict[str, Any]) -> str:
         f"(top class {rb['top_class']}: {_pct(rb['top_class_share'])} -> {ra['top_class']}: {_pct(ra['top_class_share'])})",
         f"{report['rounds']} I-BAU round(s) on {report['clean_set_size']} clean images"
         + (f" ({report['config']['arithmetic']})" if report.get("config", {}).get("arithmetic") else "")
-        + (f", recovery also unlearning the scan's reversed trigger (class {_classes(report['reversed_classes'])})"
+        + (f", recovery also unlearning the scan's reversed trigger (class {class_list(report['reversed_classes'])})"
            if report.get("reversed_classes") else "")
         + f"; {_times(report)}; {report['stop_reason']}",
     ]

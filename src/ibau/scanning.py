@@ -72,6 +72,10 @@ class ScanResult:
     config: dict[str, Any] = field(default_factory=dict)
     triggers: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
+    def flagged_triggers(self) -> dict[int, dict[str, Tensor]]:
+        """The reversed triggers of the flagged classes (empty when none is flagged)."""
+        return {k: t for k, t in self.triggers.items() if k in self.target_classes}
+
     def as_dict(self) -> dict[str, Any]:
         """Everything but the trigger tensors, as plain JSON-able data."""
         return {"backdoored": self.backdoored, "score": self.score, "threshold": self.threshold,
@@ -84,9 +88,14 @@ class ScanResult:
                 f"(score {self.score:.2f}, threshold {self.threshold:g}, {self.seconds:.0f} s)")
 
 
+def class_list(classes: list[int]) -> str:
+    """``k, j``: how reports list classes."""
+    return ", ".join(map(str, classes))
+
+
 def verdict(backdoored: bool, target_classes: list[int]) -> str:
     """``backdoor found -> class k[, j]`` or ``no backdoor found``: how every report words a scan."""
-    return "backdoor found -> class " + ", ".join(map(str, target_classes)) if backdoored else "no backdoor found"
+    return "backdoor found -> class " + class_list(target_classes) if backdoored else "no backdoor found"
 
 
 def _unit(raw: Tensor) -> Tensor:

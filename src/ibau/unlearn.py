@@ -160,7 +160,7 @@ def unlearn(
     scanner = None
     if not scan:  # the recovery's reversed triggers come from the scan before: none without it
         defense.use_reversed_triggers({})
-    if scan:
+    else:
         from .scanning import MaskScan
 
         # the scan computes in the precision I-BAU does, unless scan_settings say otherwise
@@ -173,7 +173,7 @@ def unlearn(
         found = scanner.run(m, x_scan, y_scan)
         phase["scan"] += time.perf_counter() - t0
         if give_triggers:  # I-BAU's recovery stamps what this scan flagged (reversed_fraction)
-            defense.use_reversed_triggers({k: t for k, t in found.triggers.items() if k in found.target_classes})
+            defense.use_reversed_triggers(found.flagged_triggers())
         return found.as_dict()
 
     def before(net: nn.Module, xh: Tensor, yh: Tensor) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import Comm, communicator
-from ..errors import check_choice, check_int, check_number
+from ..errors import InputError, check_choice, check_int, check_number
 from ..hypergrad import SOLVERS, implicit_grad
 from ..models.fuse import fold_batchnorm
 from ..optim import OPTIMIZERS, make_optimizer
@@ -66,8 +66,6 @@ OUTER_TARGETS = ("labels", "teacher")
 
 def _check_triggers(triggers: Mapping[int, Mapping[str, Tensor]]) -> dict[int, dict[str, Tensor]]:
     """``reversed_triggers`` as class -> ``{"mask", "pattern"}`` float tensors (checked)."""
-    from ..errors import InputError
-
     out = {}
     for k, t in dict(triggers).items():
         if not (isinstance(t, Mapping) and isinstance(t.get("mask"), Tensor) and isinstance(t.get("pattern"), Tensor)):
@@ -496,7 +494,7 @@ class IBAU(UniversalPerturbation):
 
                 found = MaskScan(seed=self.seed, precision=self.precision, progress=self.progress and
                                  setup.comm.is_main).run(self.wrap(run.model), run.x, run.y)
-                setup.reversed = {k: v for k, v in found.triggers.items() if k in found.target_classes}
+                setup.reversed = found.flagged_triggers()
             else:
                 setup.reversed = self._reversed
             run.extras["reversed_classes"] = sorted(setup.reversed)
