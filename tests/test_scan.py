@@ -1,6 +1,7 @@
 """``ibau.scan`` and ``ibau scan``: a verdict from clean images alone, on planted backdoors in
 real digits (scikit-learn's bundled images) and on clean models of the same recipe."""
 
+import copy
 import json
 
 import numpy as np
@@ -128,9 +129,12 @@ def test_unlearn_scans_before_and_after_and_auto_rounds_stop_on_the_scan():
     from ibau.unlearn import unlearn
 
     d = toy.digits_backdoor("one_target")
+    backdoored = copy.deepcopy(d["model"])  # unlearn changes the model it is given
+    # without the recovery's stamps, a clean rescan ends the rounds
     res = unlearn(d["model"], d["x_clean"], d["y_clean"], holdout=100, rounds="auto", max_rounds=3, batch_size=25,
-                  robustness_passes=1, scan_settings={"steps": STEPS}, progress=False)
+                  robustness_passes=1, scan_settings={"steps": STEPS}, progress=False, reversed_fraction=0.0)
     rep = res.report
+    assert rep["reversed_classes"] == []
     assert rep["scan_before"]["backdoored"] and rep["scan_before"]["target_classes"] == [d["target"]]
     assert rep["scan_before"]["score"] > rep["scan_before"]["threshold"]
     assert set(rep["scan_after"]) >= {"backdoored", "score", "threshold", "target_classes", "per_class"}
@@ -142,6 +146,7 @@ def test_unlearn_scans_before_and_after_and_auto_rounds_stop_on_the_scan():
         assert not stopped_clean[:-1]
     line = summary(rep).splitlines()[0]
     assert line.startswith("scan (threshold 2): before: backdoor found -> class 0")
+    assert "weak evidence" not in line
     assert rep["config"]["scan"]["steps"] == STEPS
     phases = rep["seconds_phases"]
     assert set(phases) == {"unlearning", "scan", "universal_perturbation_search"}
@@ -149,6 +154,17 @@ def test_unlearn_scans_before_and_after_and_auto_rounds_stop_on_the_scan():
     # every scan's own clock is inside the scan phase: before, after, and one per round in auto mode
     assert phases["scan"] >= rep["scan_before"]["seconds"] + rep["scan_after"]["seconds"]
     assert f"total {rep['seconds']:.1f} s (I-BAU rounds" in summary(rep)
+    # with them (the default recipe), the rescan is blind to what the stamps leave: it never ends the rounds
+    res = unlearn(backdoored, d["x_clean"], d["y_clean"], holdout=100, rounds="auto", max_rounds=2, batch_size=25,
+                  robustness_passes=1, scan_settings={"steps": STEPS}, progress=False)
+    rep = res.report
+    assert rep["reversed_classes"] == [d["target"]]
+    assert not rep["stop_reason"].startswith("scan:")
+    assert rep["stop_reason"].startswith(("reached max_rounds=2", "accuracy limit"))
+    assert rep["stop_reason"].startswith("accuracy limit") or [h["round"] for h in rep["history"]] == [1, 2]
+    line = summary(rep).splitlines()[0]
+    assert ("weak evidence: the recovery unlearned this scan's own reversed trigger" in line) == \
+        (not rep["scan_after"]["backdoored"])
 
 
 def test_zoo_benchmark_measures():

@@ -53,6 +53,8 @@ def scan_line(report: dict[str, Any], label: str = "scan") -> str | None:
         after_text = ("still found -> class " + class_list(after["target_classes"])
                       if after["backdoored"] else "no longer found")
         after_text += f" (score {after['score']:.2f})"
+        if not after["backdoored"] and report.get("reversed_classes"):
+            after_text += "; weak evidence: the recovery unlearned this scan's own reversed trigger"
     else:
         after_text = scan_verdict(after)
     return f"{label} (threshold {before['threshold']:g}): before: {scan_verdict(before)}; after: {after_text}"

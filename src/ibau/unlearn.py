@@ -108,7 +108,13 @@ def unlearn(
         scan: scan the model for a backdoor (:func:`ibau.scan`, with the clean set
             after the hold-out) before and after unlearning, and with ``rounds="auto"``
             after every round: the run stops once the scan finds no backdoor (and the
-            accuracy limit holds). The report's ``scan_before`` / ``scan_after`` hold the
+            accuracy limit holds) -- unless I-BAU's recovery stamped the scan's reversed
+            triggers: that unlearns exactly what the scan finds, and a rescan is then blind
+            to what is left (measured on the released CIFAR-10 BadNets model, clean set of
+            split 1: no backdoor found after round 1, score 1.14, while the real trigger
+            still worked on 97% of images), so ``"auto"`` runs on to ``max_rounds`` or the
+            accuracy limit (the ablation: round 2 met the targets in 12/18 cells against
+            9/18 after round 1). The report's ``scan_before`` / ``scan_after`` hold the
             verdicts. ``False``: no scan (the universal-perturbation rate decides ``"auto"``),
             and so no reversed triggers for I-BAU's recovery passes (``reversed_fraction``).
             With the scan, I-BAU's recovery stamps the triggers of the classes the scan before
@@ -174,6 +180,7 @@ def unlearn(
         phase["scan"] += time.perf_counter() - t0
         if give_triggers:  # I-BAU's recovery stamps what this scan flagged (reversed_fraction)
             defense.use_reversed_triggers(found.flagged_triggers())
+            measured["stamped"] = bool(found.target_classes) and defense.recovery_passes > 0
         return found.as_dict()
 
     def before(net: nn.Module, xh: Tensor, yh: Tensor) -> None:
@@ -212,7 +219,9 @@ def unlearn(
                     f"of held-out accuracy (limit {100 * max_accuracy_drop:g})")
         kept.update(round=rec["round"], state={k: v.detach().clone() for k, v in model.state_dict().items()})
         if scanner is not None:
-            if not rec["scan_backdoored"]:
+            # after the recovery unlearned the scan's own reversed trigger, the rescan is blind to what is left
+            # (measured: clean, score 1.14, with the real trigger still at 97% ASR), so it cannot end the rounds
+            if not rec["scan_backdoored"] and not measured.get("stamped"):
                 return f"scan: no backdoor found after round {rec['round']} (score {rec['scan_score']:.2f})"
         elif s < threshold:
             return f"robust: universal-perturbation success {s:.1%} is below the threshold {threshold:.0%}"

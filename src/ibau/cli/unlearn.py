@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the measured default recipe (see README); paper: Algorithm 1 with the authors' "
                         f"settings (default: {defaults['recipe']})")
     r.add_argument("--rounds", default=defaults["rounds"],
-                   help="I-BAU rounds, or 'auto': until the scan finds no backdoor, the accuracy limit or --max-rounds "
+                   help="I-BAU rounds, or 'auto': until the scan finds no backdoor (not when the recovery stamped the "
+                        "scan's own reversed trigger: the rescan is blind then), the accuracy limit or --max-rounds "
                         "(default: the recipe's, 2 for default and 5 for paper)")
     r.add_argument("--max-rounds", type=INT, default=defaults["max_rounds"],
                    help="most rounds for --rounds auto (default: the recipe's, 2 for default and 5 for paper)")
