@@ -35,9 +35,10 @@ RESULTS = ROOT / "results" / "scan_zoo"
 REPORT = ROOT / "results" / "scan_zoo.md"
 
 
-def _results(precision: str) -> Path:
-    """Where the scans of one precision are kept (float32: ``scan_zoo/``)."""
-    return RESULTS if precision == "fp32" else RESULTS.with_name(f"scan_zoo_{precision}")
+def _results(precision: str, mask_tv: float = 0.0) -> Path:
+    """Where the scans of one precision (and mask_tv) are kept (float32: ``scan_zoo/``)."""
+    name = "scan_zoo" + ("" if precision == "fp32" else f"_{precision}") + (f"_tv{mask_tv:g}" if mask_tv else "")
+    return RESULTS.with_name(name)
 
 
 def _zoo(data_dir: str, cache: str) -> tuple[dict, dict]:
@@ -109,7 +110,7 @@ def scan(args) -> None:
 
     torch.set_num_threads(args.threads)
     settings, models = _zoo(args.data_dir, args.cache)
-    results = _results(args.precision)
+    results = _results(args.precision, args.mask_tv)
     results.mkdir(parents=True, exist_ok=True)
     for name, entry in models.items():
         if args.only and name not in args.only:
@@ -129,7 +130,8 @@ def scan(args) -> None:
 
             measured = {"acc": clean_accuracy(model, xe, ye), "asr": None}
         t0 = time.perf_counter()
-        result = ibau.scan(model, xc, yc, seed=args.seed, progress=not args.quiet, precision=args.precision)
+        result = ibau.scan(model, xc, yc, seed=args.seed, progress=not args.quiet, precision=args.precision,
+                           mask_tv=args.mask_tv)
         seconds = time.perf_counter() - t0
         record = {"model": name, "entry": {k: v for k, v in entry.items()}, "source": source,
                   "truth": {"backdoored": attack is not None, "targets": _targets(attack)},
@@ -258,6 +260,33 @@ def _measures(records: list[dict]) -> dict[str, str]:
             "seconds per model (mean, cores shared)": f"{sum(secs) / len(secs):.0f}"}
 
 
+def _load_dir(folder: Path) -> dict[str, dict]:
+    """model -> scan record of one results folder (empty when it does not exist)."""
+    return {r["model"]: r for r in (json.loads(q.read_text()) for q in sorted(folder.glob("*.json")))}
+
+
+def _compare(records: list[dict], other: dict[str, dict], left: str, right: str, title: str, what: str) -> list[str]:
+    """A report section: the headline measures and each model's verdict, ``records`` against the same
+    models' scans in ``other`` (nothing when ``other`` is empty)."""
+    same = [r for r in records if r["model"] in other]
+    if not same:
+        return []
+    a, b = _measures(same), _measures([other[r["model"]] for r in same])
+    lines = ["", title, "", f"The same {len(same)} scans with {what}.", "",
+             f"| measure | {left} | {right} |", "|---|---|---|"]
+    lines += [f"| {k} | {a[k]} | {b[k]} |" for k in a]
+    lines += ["", f"| model | truth | {left}: verdict, classes, score | {right}: verdict, classes, score |",
+              "|---|---|---|---|"]
+
+    def cell(sc):
+        return f"{'backdoor' if sc['backdoored'] else 'clean'} {sc['target_classes']} {sc['score']:.2f}"
+    for r in same:
+        t = r["truth"]
+        truth = "clean" if not t["backdoored"] else f"backdoor → {t['targets']}"
+        lines.append(f"| {r['model']} | {truth} | {cell(r['scan'])} | {cell(other[r['model']]['scan'])} |")
+    return lines
+
+
 def report(args) -> None:
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     if not records:
@@ -328,24 +357,15 @@ def report(args) -> None:
             b, a = r["before"], r["after"]
             lines.append(f"| {r['model']} | {100 * b['acc']:.1f} / {100 * b['asr']:.1f} | {cell(r['scan_before'])} | "
                          f"{100 * a['acc']:.1f} / {100 * a['asr']:.1f} | {cell(r['scan_after'])} |")
-    bf16 = {r["model"]: r for r in (json.loads(q.read_text()) for q in sorted(_results("bf16").glob("*.json")))}
-    if bf16:
-        same = [r for r in records if r["model"] in bf16]
-        a, b = _measures(same), _measures([bf16[r["model"]] for r in same])
-        lines += ["", "## bfloat16 autocast against float32 (issue 15)", "",
-                  f"The same {len(same)} scans with `precision=\"bf16\"` (`python benchmarks/scan_zoo.py scan "
-                  "--precision bf16`, JSON in `benchmarks/results/scan_zoo_bf16/`).", "",
-                  "| measure | float32 | bfloat16 |", "|---|---|---|"]
-        lines += [f"| {k} | {a[k]} | {b[k]} |" for k in a]
-        lines += ["", "| model | truth | float32: verdict, classes, score | bfloat16: verdict, classes, score |",
-                  "|---|---|---|---|"]
-        for r in same:
-            t = r["truth"]
-            truth = "clean" if not t["backdoored"] else f"backdoor → {t['targets']}"
-
-            def cell(sc):
-                return f"{'backdoor' if sc['backdoored'] else 'clean'} {sc['target_classes']} {sc['score']:.2f}"
-            lines.append(f"| {r['model']} | {truth} | {cell(r['scan'])} | {cell(bf16[r['model']]['scan'])} |")
+    bf16 = _load_dir(_results("bf16"))
+    lines += _compare(records, bf16, "float32", "bfloat16", "## bfloat16 autocast against float32 (issue 15)",
+                      "`precision=\"bf16\"` (`python benchmarks/scan_zoo.py scan --precision bf16`, JSON in "
+                      "`benchmarks/results/scan_zoo_bf16/`)")
+    tv = _load_dir(_results("bf16", 1.0))
+    lines += _compare([bf16[m] for m in sorted(bf16)], tv, "mask_tv 0", "mask_tv 1",
+                      "## Compact masks: the mask's total variation in the cost (issue 13), bfloat16",
+                      "`mask_tv=1` (`python benchmarks/scan_zoo.py scan --precision bf16 --mask-tv 1`, JSON in "
+                      "`benchmarks/results/scan_zoo_bf16_tv1/`)")
     lines.append("")
     tmp = REPORT.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
@@ -367,6 +387,8 @@ def main() -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="scan / time: the scan's arithmetic (bf16: bfloat16 autocast; results in scan_zoo_bf16/)")
+    p.add_argument("--mask-tv", type=float, default=0.0,
+                   help="scan: MaskScan's mask_tv (results in scan_zoo[_bf16]_tv<value>/ when not 0)")
     args = p.parse_args()
     {"train": train, "scan": scan, "unlearn": unlearn_scan, "time": time_alone, "report": report}[args.action](args)
 

@@ -93,6 +93,27 @@ def test_bad_reversed_settings_are_input_errors():
         IBAU(reversed_triggers={-1: _triggers()[1]})
 
 
+def test_reversed_scan_settings_reach_the_scan_inside_fit(monkeypatch):
+    from ibau.scanning import MaskScan
+
+    seen = []
+    original = MaskScan.run
+
+    def run(self, model, x, y):
+        seen.append((self.mask_tv, self.steps, self.seed))
+        return original(self, model, x, y)
+
+    monkeypatch.setattr(MaskScan, "run", run)
+    x, y = toy.make_data(200, 7)
+    IBAU(rounds=1, batch_size=50, seed=3, progress=False, precision="fp32",
+         reversed_scan={"mask_tv": 1.0, "steps": 30}).fit(toy.poisoned_model(), x, y)
+    assert seen == [(1.0, 30, 3)]  # its settings, I-BAU's seed
+    with pytest.raises(InputError, match="reversed_scan"):
+        IBAU(reversed_scan={"mask_tvv": 1.0})
+    with pytest.raises(InputError, match="mask_tv"):
+        IBAU(reversed_scan={"mask_tv": -1.0})
+
+
 def test_unlearn_stamps_the_triggers_of_its_own_scan_without_scanning_again(monkeypatch):
     pytest.importorskip("sklearn")
     from ibau.scanning import MaskScan

@@ -103,6 +103,13 @@ def _unit(raw: Tensor) -> Tensor:
     return (torch.tanh(raw) + 1) / 2
 
 
+def _total_variation(mask: Tensor) -> Tensor:
+    """Per mask (A, 1, H, W): the summed absolute differences of vertically and horizontally
+    neighbouring values -- small for compact masks, large for scattered pixels."""
+    return ((mask[..., 1:, :] - mask[..., :-1, :]).abs().flatten(1).sum(1)
+            + (mask[..., :, 1:] - mask[..., :, :-1]).abs().flatten(1).sum(1))
+
+
 class MaskScan:
     """Batched mask-and-pattern trigger search over all classes (Neural Cleanse's objective,
     K-Arm's budget allocation), with a MAD anomaly index on the masks' l1 norms.
@@ -137,6 +144,12 @@ class MaskScan:
         success: share of images sent to the class for a stamp to count as working.
         threshold: the ratio (largest kept mask norm / smallest) above which the model is
             flagged; chosen on the zoo (``benchmarks/results/scan_zoo.md``).
+        mask_tv: weight of the mask's total variation next to its l1 norm in the cost
+            (``c_k * (||m_k||_1 + mask_tv * TV(m_k))``; TABOR's compactness idea): a compact
+            mask instead of scattered pixels, closer to a patch trigger. Norms, score and
+            verdict stay on the l1 norm. 0 (default): Neural Cleanse's objective. On the zoo
+            (bf16), ``mask_tv=1`` flagged the same models (AUROC 0.975 against 0.958); as the
+            source of I-BAU's stamps it did not beat the plain scan (``IBAU(reversed_scan=...)``).
         normalize: ``(mean, std)`` when the model expects normalised inputs.
         seed: seeds the batches and the starting masks.
         precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:mod:`ibau.precision`): the model's
@@ -151,8 +164,8 @@ class MaskScan:
     def __init__(self, *, steps: int = 300, explore_steps: int | None = None, keep: int = 3, batch_size: int = 24,
                  explore_images: int = 240,
                  lr: float = 0.1, init_cost: float = 1e-3, cost_multiplier: float = 1.5, patience: int = 10,
-                 success: float = 0.9, threshold: float = 2.0, normalize: tuple | None = None, seed: int = 0,
-                 precision: str = "auto", progress: bool = True):
+                 success: float = 0.9, threshold: float = 2.0, mask_tv: float = 0.0, normalize: tuple | None = None,
+                 seed: int = 0, precision: str = "auto", progress: bool = True):
         self.steps = check_int("steps", steps, low=3)
         explore_steps = steps // 3 if explore_steps is None else explore_steps
         self.explore_steps = check_int("explore_steps", explore_steps, low=1, high=self.steps - 1)
@@ -165,6 +178,7 @@ class MaskScan:
         self.patience = check_int("patience", patience, low=1)
         self.success = check_number("success", success, low=0, low_open=True, high=1)
         self.threshold = check_number("threshold", threshold, low=0, low_open=True)
+        self.mask_tv = check_number("mask_tv", mask_tv, low=0)
         self.normalize = check_normalize(normalize)
         self.seed = check_int("seed", seed)
         self.precision = check_choice("precision", precision, PRECISIONS)
@@ -174,7 +188,7 @@ class MaskScan:
         return {"method": self.name, "steps": self.steps, "explore_steps": self.explore_steps, "keep": self.keep,
                 "batch_size": self.batch_size, "explore_images": self.explore_images, "lr": self.lr, "init_cost": self.init_cost,
                 "cost_multiplier": self.cost_multiplier, "patience": self.patience, "success": self.success,
-                "threshold": self.threshold, "seed": self.seed, "precision": self.precision}
+                "threshold": self.threshold, "mask_tv": self.mask_tv, "seed": self.seed, "precision": self.precision}
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor) -> ScanResult:
         """Scan ``model`` with clean images ``x`` (N, C, H, W in [0, 1]) and labels ``y``;
@@ -255,7 +269,8 @@ class MaskScan:
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
             ce = (ce.reshape(len(a), -1) * other).sum(1) / other.sum(1).clamp(min=1)
             l1 = mask.flatten(1).sum(1)
-            loss = (ce + cost[active].to(device, dtype) * l1).sum()
+            size = l1 if self.mask_tv == 0 else l1 + self.mask_tv * _total_variation(mask)
+            loss = (ce + cost[active].to(device, dtype) * size).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
