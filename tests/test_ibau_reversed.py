@@ -139,3 +139,34 @@ def test_unlearn_stamps_the_triggers_of_its_own_scan_without_scanning_again(monk
     assert res.report["scan_before"]["target_classes"] == [d["target"]]
     assert stamped and all(s == [d["target"]] for s in stamped)  # every recovery step, the flagged class
     assert res.report["config"]["reversed_fraction"] == 0.2
+
+
+def test_recovery_on_hard_labels_changes_only_the_recovery_of_soft_targets(monkeypatch):
+    fitted = []
+    original = IBAU.recovery_step
+
+    def step(self, setup, batch):  # the targets each recovery step's loss sees
+        seen = []
+        monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                            lambda logits, y, *a, **k: seen.append(y) or _ce(logits, y, *a, **k))
+        try:
+            return original(self, setup, batch)
+        finally:
+            monkeypatch.setattr(torch.nn.functional, "cross_entropy", _ce)
+            fitted.append(seen[0])
+
+    _ce = torch.nn.functional.cross_entropy
+    soft, _ = _fit(outer_target="teacher")
+    again, _ = _fit(outer_target="teacher", recovery_target="outer")
+    monkeypatch.setattr(IBAU, "recovery_step", step)
+    hard, _ = _fit(outer_target="teacher", recovery_target="argmax")
+    assert fitted and all(y.dim() == 1 and y.dtype == torch.long for y in fitted)  # class indices, not soft rows
+    monkeypatch.setattr(IBAU, "recovery_step", original)
+    assert all(torch.equal(soft[k], again[k]) for k in soft)  # "outer" is the default
+    assert any(not torch.equal(soft[k], hard[k]) for k in soft)
+    # with the labels as targets there is nothing soft to harden: the same weights
+    a, _ = _fit(outer_target="labels")
+    b, _ = _fit(outer_target="labels", recovery_target="argmax")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="recovery_target"):
+        IBAU(recovery_target="soft")
