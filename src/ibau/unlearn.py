@@ -180,14 +180,14 @@ def unlearn(
         phase["scan"] += time.perf_counter() - t0
         if give_triggers:  # I-BAU's recovery stamps what this scan flagged (reversed_fraction)
             defense.use_reversed_triggers(found.flagged_triggers())
-            measured["stamped"] = bool(found.target_classes) and defense.recovery_passes > 0
+            measured["stamped"] = bool(found.target_classes)
         return found.as_dict()
 
     def before(net: nn.Module, xh: Tensor, yh: Tensor) -> None:
         measured["acc_before"] = holdout_accuracy(net, xh, yh)
         measured["rob_before"], measured["udelta_before"] = robustness(net)
         if scanner is not None:
-            measured["scan_before"] = scan_of(net, give_triggers=defense.reversed_fraction > 0)
+            measured["scan_before"] = scan_of(net, give_triggers=defense.stamps_reversed)
         measured["preds_before"] = {"clean": predict(net, sample_x),
                                     "perturbed": predict(net, sample_x + measured["udelta_before"])}
 

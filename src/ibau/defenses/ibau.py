@@ -519,8 +519,14 @@ class IBAU(UniversalPerturbation):
             numbers["seconds_recovery"] = time.perf_counter() - t_recovery
         return numbers, t_inner
 
+    @property
+    def stamps_reversed(self) -> bool:
+        """Whether the recovery passes stamp reversed triggers (a share to stamp and passes to
+        stamp in); which triggers, if any, comes from ``reversed_triggers`` or the scan in :meth:`fit`."""
+        return self.reversed_fraction > 0 and self.recovery_passes > 0
+
     def _fit(self, run, setup: Setup) -> None:
-        if self.reversed_fraction > 0 and self.recovery_passes > 0:
+        if self.stamps_reversed:
             if self._reversed is None:
                 from ..scanning import MaskScan
 
@@ -552,14 +558,20 @@ class IBAU(UniversalPerturbation):
                 x[i - batch.rows.start] = (1 - m) * x[i - batch.rows.start] + m * t["pattern"].to(x.device, x.dtype)
         return batch._replace(x=x)
 
-    def recovery_step(self, setup: Setup, batch: Batch) -> float:
-        """One plain optimiser step on the clean loss of ``batch`` (no perturbation): the
-        recovery passes that end each round (``recovery_passes``), with the reversed triggers
-        stamped on some images (``reversed_fraction``)."""
+    def recovery_batch(self, setup: Setup, batch: Batch) -> Batch:
+        """What a recovery step fits: ``batch`` with the reversed triggers stamped on some
+        images (``reversed_fraction``) and, with ``recovery_target="argmax"``, the top class of
+        its soft targets instead of the soft rows."""
         if self.reversed_fraction > 0:
             batch = self.stamp_reversed(setup, batch)
-        if self.recovery_target == "argmax" and batch.y.dim() == 2:  # the teacher's top class, not its soft output
+        if self.recovery_target == "argmax" and batch.y.dim() == 2:
             batch = batch._replace(y=batch.y.argmax(1))
+        return batch
+
+    def recovery_step(self, setup: Setup, batch: Batch) -> float:
+        """One plain optimiser step on the clean loss of :meth:`recovery_batch` (no
+        perturbation): the recovery passes that end each round (``recovery_passes``)."""
+        batch = self.recovery_batch(setup, batch)
         if len(batch.x) == 0:
             grads = [torch.zeros_like(p) for p in setup.params]
             loss = torch.zeros(())
