@@ -35,9 +35,10 @@ RESULTS = ROOT / "results" / "scan_zoo"
 REPORT = ROOT / "results" / "scan_zoo.md"
 
 
-def _results(precision: str, mask_tv: float = 0.0) -> Path:
-    """Where the scans of one precision (and mask_tv) are kept (float32: ``scan_zoo/``)."""
-    name = "scan_zoo" + ("" if precision == "fp32" else f"_{precision}") + (f"_tv{mask_tv:g}" if mask_tv else "")
+def _results(precision: str, mask_tv: float = 0.0, explore_images: int | None = None) -> Path:
+    """Where the scans of one precision (and mask_tv, explore_images) are kept (float32: ``scan_zoo/``)."""
+    name = "scan_zoo" + ("" if precision == "fp32" else f"_{precision}") + (f"_tv{mask_tv:g}" if mask_tv else "") \
+        + (f"_e{explore_images}" if explore_images is not None else "")
     return RESULTS.with_name(name)
 
 
@@ -110,7 +111,7 @@ def scan(args) -> None:
 
     torch.set_num_threads(args.threads)
     settings, models = _zoo(args.data_dir, args.cache)
-    results = _results(args.precision, args.mask_tv)
+    results = _results(args.precision, args.mask_tv, args.explore_images)
     results.mkdir(parents=True, exist_ok=True)
     for name, entry in models.items():
         if args.only and name not in args.only:
@@ -131,7 +132,8 @@ def scan(args) -> None:
             measured = {"acc": clean_accuracy(model, xe, ye), "asr": None}
         t0 = time.perf_counter()
         result = ibau.scan(model, xc, yc, seed=args.seed, progress=not args.quiet, precision=args.precision,
-                           mask_tv=args.mask_tv)
+                           mask_tv=args.mask_tv,
+                           **({} if args.explore_images is None else {"explore_images": args.explore_images}))
         seconds = time.perf_counter() - t0
         record = {"model": name, "entry": {k: v for k, v in entry.items()}, "source": source,
                   "truth": {"backdoored": attack is not None, "targets": _targets(attack)},
@@ -371,6 +373,16 @@ def report(args) -> None:
                       "## Compact masks: the mask's total variation in the cost (issue 13), bfloat16",
                       "`mask_tv=1` (`python benchmarks/scan_zoo.py scan --precision bf16 --mask-tv 1`, JSON in "
                       "`benchmarks/results/scan_zoo_bf16_tv1/`)")
+    for n in (120, 60):
+        lines += _compare([bf16[m] for m in sorted(bf16)], _load_dir(_results("bf16", explore_images=n)),
+                          "explore_images 240", f"explore_images {n}",
+                          f"## A cheaper exploring phase: {n} stamped images a step instead of 240 (issue 15), "
+                          "bfloat16",
+                          f"`explore_images={n}` (`python benchmarks/scan_zoo.py scan --precision bf16 "
+                          f"--explore-images {n}`, JSON in `benchmarks/results/scan_zoo_bf16_e{n}/`; on GTSRB's 43 "
+                          "classes both give each class 2 images a step, against 5; the seconds are as each run found "
+                          "the machine: the 240 scans shared the cores with other jobs, the 120 ones ran alone, the 60 "
+                          "ones beside a grid run, so compare them with the timing table above, not here)")
     lines.append("")
     tmp = REPORT.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
@@ -394,6 +406,8 @@ def main() -> None:
                    help="scan / time: the scan's arithmetic (bf16: bfloat16 autocast; results in scan_zoo_bf16/)")
     p.add_argument("--mask-tv", type=float, default=0.0,
                    help="scan: MaskScan's mask_tv (results in scan_zoo[_bf16]_tv<value>/ when not 0)")
+    p.add_argument("--explore-images", type=int, default=None,
+                   help="scan: MaskScan's explore_images (results in scan_zoo[_bf16]..._e<value>/ when given)")
     args = p.parse_args()
     {"train": train, "scan": scan, "unlearn": unlearn_scan, "time": time_alone, "report": report}[args.action](args)
 

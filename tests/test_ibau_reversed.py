@@ -108,6 +108,9 @@ def test_reversed_scan_settings_reach_the_scan_inside_fit(monkeypatch):
     IBAU(rounds=1, batch_size=50, seed=3, progress=False, precision="fp32",
          reversed_scan={"mask_tv": 1.0, "steps": 30}).fit(toy.poisoned_model(), x, y)
     assert seen == [(1.0, 30, 3)]  # its settings, I-BAU's seed
+    # the default recipe's stamp scan explores with half of ibau scan's images; the paper recipe's is ibau scan's
+    assert IBAU().reversed_scan == {"explore_images": 120, "success_images": 0} and MaskScan().explore_images == 240
+    assert IBAU.paper(reversed_fraction=0.2, recovery_passes=1).reversed_scan == {}
     with pytest.raises(InputError, match="reversed_scan"):
         IBAU(reversed_scan={"mask_tvv": 1.0})
     with pytest.raises(InputError, match="mask_tv"):
@@ -165,3 +168,35 @@ def test_recovery_on_hard_labels_changes_only_the_recovery_of_soft_targets(monke
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(InputError, match="recovery_target"):
         IBAU(recovery_target="soft")
+
+
+def test_round_one_reuses_the_teachers_forward_passes_for_its_pseudo_labels(monkeypatch):
+    """The inner pass of round 1 takes the model's top classes from _prepare's teacher forward passes
+    instead of running them again: the same weights, bit for bit, as computing them in the pass."""
+    x, y = toy.make_data(200, 7)
+    calls = []
+    original = IBAU.synthesize
+
+    def spy(self, net, batches, *, comm=None, pseudo=None):
+        calls.append(pseudo is not None)
+        return original(self, net, batches, comm=comm, pseudo=pseudo)
+
+    monkeypatch.setattr(IBAU, "synthesize", spy)
+
+    def run(reuse):
+        model = toy.poisoned_model()
+        defense = IBAU(rounds=2, batch_size=50, seed=1, progress=False, precision="fp32", reversed_fraction=0.0)
+        if not reuse:
+            prepare = defense._prepare
+
+            def no_reuse(r):
+                setup = prepare(r)
+                setup.pseudo = None
+                return setup
+            monkeypatch.setattr(defense, "_prepare", no_reuse)
+        defense.fit(model, x, y)
+        return model.state_dict()
+
+    a, b = run(True), run(False)
+    assert calls == [True, False, False, False]  # round 1 reuses them; round 2 (a changed model) does not
+    assert all(torch.equal(a[k], b[k]) for k in a)

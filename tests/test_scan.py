@@ -65,6 +65,19 @@ def test_scan_is_seeded_and_leaves_the_model_alone():
     assert sum(r["kept"] for r in a.per_class) == 3 and a.config["explore_steps"] == 20
 
 
+def test_scan_without_success_rates_is_the_same_search():
+    d = toy.digits_backdoor("one_target")
+    a = ibau.scan(d["model"], d["x_clean"], d["y_clean"], seed=3, steps=60, progress=False)
+    b = ibau.scan(d["model"], d["x_clean"], d["y_clean"], seed=3, steps=60, progress=False, success_images=0)
+    assert (a.backdoored, a.score, a.target_classes) == (b.backdoored, b.score, b.target_classes)
+    assert [{k: v for k, v in r.items() if k != "success"} for r in a.per_class] == \
+        [{k: v for k, v in r.items() if k != "success"} for r in b.per_class]
+    assert all(r["success"] is None for r in b.per_class) and all(0 <= r["success"] <= 1 for r in a.per_class)
+    assert all(torch.equal(a.triggers[k][t], b.triggers[k][t]) for k in a.triggers for t in ("mask", "pattern"))
+    with pytest.raises(InputError, match="success_images"):
+        MaskScan(success_images=-1)
+
+
 def test_mask_tv_makes_the_reversed_mask_compact_and_still_names_the_target(scans):
     from ibau.scanning import _total_variation
 

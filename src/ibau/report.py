@@ -255,7 +255,8 @@ def write_scan_dir(folder: str | os.PathLike, report: dict[str, Any], triggers: 
              "| class | mask l1 | stamp success | anomaly index | flagged |", "|---|---|---|---|---|"]
     for row in sorted(report["per_class"], key=lambda r: r["mask_l1"]):
         flagged = "yes" if row["class"] in report["target_classes"] else ""
-        lines.append(f"| {row['class']} | {row['mask_l1']:.1f} | {100 * row['success']:.0f}% | "
+        success = "-" if row.get("success") is None else f"{100 * row['success']:.0f}%"
+        lines.append(f"| {row['class']} | {row['mask_l1']:.1f} | {success} | "
                      f"{row['anomaly_index']:.2f} | {flagged} |")
     lines += ["", "Reversed trigger(s) (mask, pattern, mask x pattern):", ""]
     with atomic_directory(folder, force=force) as tmp:
