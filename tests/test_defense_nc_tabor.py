@@ -47,6 +47,7 @@ def test_nc_nothing_flagged_leaves_the_model_unchanged():
         assert res.history[-1]["point"] == "unlearn epoch 1"
 
 
+@pytest.mark.slow  # 42 s: the fast tier's longest test (issue 15's check of it, 309 s on a slowed machine)
 def test_tabor_flags_the_planted_target():
     one = testing.digits_backdoor("one_target")
     res = TABOR(**FAST).fit(one["model"], one["x_clean"], one["y_clean"])
