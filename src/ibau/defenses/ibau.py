@@ -43,7 +43,7 @@ PAPER_SETTINGS: dict[str, Any] = dict(
     reversed_fraction=0.0, reversed_scan={}, recovery_target="outer")
 
 #: the scan the default recipe runs for its stamps (issue 15): :class:`ibau.scanning.MaskScan` with half
-#: its exploring images (about 4.6 s less on CIFAR-10), and without the per-class success rates of the
+#: its exploring images (a third less scan time on CIFAR-10), and without the per-class success rates of the
 #: report, which the stamps do not need (read-only)
 STAMP_SCAN: Mapping[str, Any] = MappingProxyType({"explore_images": 120, "success_images": 0})
 
@@ -162,8 +162,8 @@ class IBAU(UniversalPerturbation):
       against 7/18 and 9/18 with one pass and no stamps (BF25), mean accuracy drop 0.7 and
       1.6 points against 1.1 and 3.4.
     * ``reversed_scan=STAMP_SCAN`` (issue 15): the scan for the stamps explores with half the
-      images of ``ibau scan``'s (``explore_images=120``), about 4.6 s of the 15 s scan on
-      CIFAR-10. Measured as BF25R3E (``ablation_reversed3e*.toml``): 14/18 and 13/18 cells
+      images of ``ibau scan``'s (``explore_images=120``): on the released CIFAR-10 BadNets
+      model with 5,000 images, 13.5 s of scan against 19.0 s (``benchmarks/results/speed.md``). Measured as BF25R3E (``ablation_reversed3e*.toml``): 14/18 and 13/18 cells
       against 12/18 and 12/18, the same mean accuracy drop. ``ibau scan`` keeps the full
       exploring phase: on the scan zoo the half one lost AUROC (0.917 against 0.958).
     * ``hypergrad_iters=2`` and ``rounds=2``: with the projected map, K = 5 and K = 0 gave
