@@ -22,14 +22,16 @@ EXPERIMENTS = ["ablation_unlearn_cifar10", "ablation_unlearn_gtsrb", "ablation_r
                "ablation_reversed3tv_cifar10", "ablation_reversed3tv_gtsrb",
                "ablation_reversed3h_cifar10", "ablation_reversed3h_gtsrb",
                "ablation_reversed3e_cifar10", "ablation_reversed3e_gtsrb",
-               "ablation_reversed3s_cifar10", "ablation_reversed3s_gtsrb"]
+               "ablation_reversed3s_cifar10", "ablation_reversed3s_gtsrb",
+               "ablation_reversed2e_cifar10", "ablation_reversed2e_gtsrb"]
 SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_cifar10", "ablation_fast_seeds_gtsrb",
          "ablation_fast_inner_seeds_cifar10", "ablation_fast_inner_seeds_gtsrb", "ablation_reversed_seeds_cifar10",
          "ablation_reversed_seeds_gtsrb", "ablation_reversed3_seeds_cifar10", "ablation_reversed3_seeds_gtsrb",
          "ablation_reversed3tv_seeds_cifar10", "ablation_reversed3tv_seeds_gtsrb",
          "ablation_reversed3h_seeds_cifar10", "ablation_reversed3h_seeds_gtsrb",
          "ablation_reversed3e_seeds_cifar10", "ablation_reversed3e_seeds_gtsrb",
-         "ablation_reversed3s_seeds_cifar10", "ablation_reversed3s_seeds_gtsrb"]
+         "ablation_reversed3s_seeds_cifar10", "ablation_reversed3s_seeds_gtsrb",
+         "ablation_reversed2e_seeds_cifar10", "ablation_reversed2e_seeds_gtsrb"]
 TARGETS = {2500: (0.10, 0.015), 1000: (0.20, 0.03)}
 
 
@@ -53,7 +55,7 @@ def cells(experiments: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", action="store_true", help="include the cells of seeds 1 and 2")
-    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25", "BF25i", "BF25R", "BF25R3", "BF25R3T", "BF25R3H", "BF25R3E", "BF25R3S"])
+    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25", "BF25i", "BF25R", "BF25R3", "BF25R3T", "BF25R3H", "BF25R3E", "BF25R3S", "BF25R2E"])
     args = ap.parse_args()
     table = cells(EXPERIMENTS + (SEEDS if args.seeds else []))
     print("| variant | clean images | cells | ACC drop (points) | ASR (%) | meet | worst drop | worst ASR |")
