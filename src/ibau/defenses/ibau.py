@@ -163,9 +163,10 @@ class IBAU(UniversalPerturbation):
       1.6 points against 1.1 and 3.4.
     * ``reversed_scan=STAMP_SCAN`` (issue 15): the scan for the stamps explores with half the
       images of ``ibau scan``'s (``explore_images=120``): on the released CIFAR-10 BadNets
-      model with 5,000 images, 13.5 s of scan against 19.0 s (``benchmarks/results/speed.md``). Measured as BF25R3E (``ablation_reversed3e*.toml``): 14/18 and 13/18 cells
-      against 12/18 and 12/18, the same mean accuracy drop. ``ibau scan`` keeps the full
-      exploring phase: on the scan zoo the half one lost AUROC (0.917 against 0.958).
+      model with 5,000 images, 13.5 s of scan against 19.0 s (``benchmarks/results/speed.md``).
+      Measured as BF25R3E (``ablation_reversed3e*.toml``): 14/18 and 13/18 cells against
+      12/18 and 12/18, the same mean accuracy drop. ``ibau scan`` keeps the full exploring
+      phase: on the scan zoo the half one lost AUROC (0.917 against 0.958).
     * ``hypergrad_iters=2`` and ``rounds=2``: with the projected map, K = 5 and K = 0 gave
       the same result in a prototype run; K = 2 keeps the implicit term for fewer
       Hessian-vector products (1 instead of 4). Two rounds are what the ablation measured.
