@@ -122,6 +122,28 @@ def test_recovery_passes_are_plain_steps_recorded_in_the_history():
         IBAU(inner_projection="never")
 
 
+def test_small_clean_sets_get_more_recovery_passes_up_to_the_cap():
+    d = IBAU(progress=False)  # 3 passes, at least 75 steps a round, at most 8 passes
+    assert [d.recovery_pass_count(b) for b in (50, 25, 12, 10, 3, 1)] == [3, 3, 7, 8, 8, 8]
+    assert IBAU(recovery_passes=0).recovery_pass_count(3) == 0
+    assert IBAU(recovery_min_steps=0).recovery_pass_count(3) == 3
+    assert IBAU.paper().recovery_pass_count(3) == 0
+    with pytest.raises(InputError, match="recovery_min_steps"):
+        IBAU(recovery_min_steps=-1)
+
+    class Counting(IBAU):
+        steps = 0
+
+        def recovery_step(self, setup, batch):
+            Counting.steps += 1
+            return super().recovery_step(setup, batch)
+
+    x, y = toy.make_data(100, 3)
+    Counting(rounds=1, batch_size=50, recovery_passes=1, recovery_min_steps=5, reversed_fraction=0,
+             progress=False).fit(toy.poisoned_model(), x, y)
+    assert Counting.steps == 6  # 2 batches: 3 passes
+
+
 def _unlearn_toy(**kw):
     from ibau.unlearn import unlearn
 
