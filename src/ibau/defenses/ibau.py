@@ -174,7 +174,7 @@ class IBAU(UniversalPerturbation):
       12/18 and 12/18, the same mean accuracy drop. ``ibau scan`` keeps the full exploring
       phase: on the scan zoo the half one lost AUROC (0.917 against 0.958).
     * ``recovery_min_steps=75``: as many recovery passes as give at least 75 steps a round
-      (8 over 1,000 images in batches of 100; 3 over 2,500 images or more, where nothing
+      (8 over 1,000 images in batches of 100; 3 from 25 batches up, 2,500 images, where nothing
       changes). Measured as BF25R3M (``ablation_reversed3m*.toml``, the 1,000-image cells):
       14/18 cells against 13/18, mean accuracy drop 1.1 points against 1.6 (CIFAR-10 Trojan
       WM: 2.4-3.6 against 4.0-5.8), mean ASR 11.2% against 10.7%.
@@ -232,8 +232,9 @@ class IBAU(UniversalPerturbation):
         recovery_passes: plain passes over the clean batches after each round (0: the paper).
         recovery_min_steps: the fewest recovery steps a round (when ``recovery_passes`` > 0):
             over a clean set of fewer than ``recovery_min_steps / recovery_passes`` batches
-            the round makes ``ceil(recovery_min_steps / batches)`` passes instead
-            (:meth:`recovery_pass_count`); 0: exactly ``recovery_passes``.
+            the round makes ``ceil(recovery_min_steps / batches)`` passes instead, at most
+            :data:`MAX_RECOVERY_PASSES` (8, the most measured) (:meth:`recovery_pass_count`);
+            0: exactly ``recovery_passes``.
         batch_size: clean batch size (the authors' 100).
         perturb_fraction: share of each outer batch that receives ``delta``.
         normalize: ``(mean, std)`` when the model expects normalised inputs; ``delta``
