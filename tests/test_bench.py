@@ -14,6 +14,7 @@ from ibau import InputError
 from ibau.bench import SpecError, expand, finished, is_common_file, load_experiment, load_results, run_grid
 from ibau.bench import data as bdata
 from ibau.bench.report import tsne_separation, write_report
+from ibau.bench.runner import source_digest
 from ibau.bench.sources import ImageTrigger, model_cache_key
 
 
@@ -168,6 +169,21 @@ def test_image_trigger_and_cache_key(tmp_path):
 
 
 # ----------------------------------------------------------------------------- runner
+def test_source_digest_follows_the_package_files(tmp_path, monkeypatch):
+    import shutil
+
+    import ibau.bench.runner as runner
+
+    original = source_digest()
+    here = Path(runner.__file__).resolve().parents[1]
+    copy = tmp_path / "ibau"
+    shutil.copytree(here, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(runner, "__file__", str(copy / "bench" / "runner.py"))  # digest the copy
+    assert source_digest() == original  # the same files elsewhere: the same digest
+    (copy / "utils.py").write_text((copy / "utils.py").read_text() + "\n# changed\n")
+    assert source_digest() != original
+
+
 def test_grid_runs_caches_models_and_resumes(tmp_path, tiny_grid, one_thread):
     exp = load_experiment(tiny_grid())
     cells = expand(exp, "cpu")
@@ -183,6 +199,8 @@ def test_grid_runs_caches_models_and_resumes(tmp_path, tiny_grid, one_thread):
     for r in recs.values():
         assert r["status"] == "ok" and r["params"]["seed"] == 0 and r["wall_seconds"] > 0
         assert r["peak_rss_mb"] > 0 and r["environment"]["torch"] == torch.__version__
+        # the code version even where git has none (a copy of src): a digest of the package's files
+        assert r["source_sha256"] == source_digest() and len(r["source_sha256"]) == 16
     stamps = {p: p.stat().st_mtime_ns for p in (res / "tiny").glob("*.json")}
     s2 = run_grid(cells, results=res, cache=cache, workers=0, threads=1, progress=False, printer=None)
     assert (s2.done, s2.skipped) == (0, 2)

@@ -752,7 +752,10 @@ def write_report(experiments: list[Experiment], results: str | Path, out: str | 
     exps = {e.name: e for e in experiments}
     recs_by_exp = {e.name: collect(e, results, profile) for e in experiments}
     all_recs = [r for rs in recs_by_exp.values() for r in rs]
-    envs = sorted({(r["environment"].get("torch"), r.get("device"), r.get("git")) for r in all_recs}, key=str)
+    # the code version: git's, else the digest of the package's files (grids run from a copy of src)
+    envs = sorted({(r["environment"].get("torch"), r.get("device"),
+                    r.get("git") or (f"source {r['source_sha256']}" if r.get("source_sha256") else None))
+                   for r in all_recs}, key=str)
     total_s = sum(r.get("wall_seconds", 0) for r in all_recs)
     # a report of experiments that test none of the paper's claims (e.g. the ablation) has no verdicts
     claims = any(e.meta.get("evidence_for") or e.meta.get("verdict") for e in experiments)

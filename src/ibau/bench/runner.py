@@ -100,6 +100,7 @@ def compute_cell(cell_dict: dict[str, Any], env: dict[str, Any]) -> dict[str, An
     variables = {"data": str(env.get("data_dir") or ""), "cache": str(env["cache"])}
     params = substitute(cell.params, variables)
     record: dict[str, Any] = {**cell.as_dict(), "ibau_version": __version__, "git": env.get("git"),
+                              "source_sha256": env.get("source_sha256"),
                               "environment": environment(), "device": env.get("device", "cpu"),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     t0 = time.perf_counter()
@@ -152,6 +153,20 @@ def _git_version() -> str | None:
         return None
 
 
+def source_digest() -> str:
+    """The first 16 hex digits of a SHA-256 over the ``ibau`` package's Python files (relative path
+    and content, in path order): the code version of a cell where ``git describe`` has no answer
+    (an installed package, a copy of ``src``), and a check on a "-dirty" one."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def run_grid(cells: list[Cell], *, results: str | os.PathLike, cache: str | os.PathLike,
              data_dir: str | os.PathLike | None = None, workers: int = 1, device: str = "cpu",
              threads: int | None = None, progress: bool = True, printer=print, limit: int | None = None,
@@ -197,7 +212,7 @@ def run_grid(cells: list[Cell], *, results: str | os.PathLike, cache: str | os.P
     env = {"results": str(results.resolve()), "cache": str(cache.resolve()),
            "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
            "device": device, "threads": threads or max(1, ncpu // max(1, workers)), "git": _git_version(),
-           "progress": False, "in_process": workers == 0}
+           "source_sha256": source_digest(), "progress": False, "in_process": workers == 0}
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
 
     def note(status: dict[str, Any]) -> None:
