@@ -38,8 +38,8 @@ __all__ = ["IBAU", "UniversalPerturbation", "Batch", "perturbed_count", "PAPER_S
 PAPER_SETTINGS: dict[str, Any] = dict(
     rounds=5, norm_bound=10.0, inner_lr=10.0, inner_reg=1e-3, inner_optimizer="sgd", inner_projection="end",
     fp_step=0.1, fp_projected=False, hypergrad_iters=5, hypergrad_solver="fixed_point", hypergrad_tol=1e-10,
-    outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, recovery_min_steps=0, batch_size=100,
-    perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32", inner_precision=None,
+    outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, recovery_min_steps=0,
+    batch_size=100, perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32", inner_precision=None,
     reversed_fraction=0.0, reversed_scan={}, recovery_target="outer")
 
 #: the scan the default recipe runs for its stamps (issue 15): :class:`ibau.scanning.MaskScan` with half
@@ -59,8 +59,8 @@ STAMP_SCAN: Mapping[str, Any] = MappingProxyType({"explore_images": 120, "succes
 DEFAULT_SETTINGS: dict[str, Any] = dict(
     rounds=2, norm_bound=10.0, inner_lr=10.0, inner_reg=1e-3, inner_optimizer="sgd", inner_projection="end",
     fp_step=0.1, fp_projected=True, hypergrad_iters=2, hypergrad_solver="fixed_point", hypergrad_tol=1e-10,
-    outer_lr=1e-3, outer_optimizer="adam", outer_target="teacher", recovery_passes=3, recovery_min_steps=75, batch_size=100,
-    perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
+    outer_lr=1e-3, outer_optimizer="adam", outer_target="teacher", recovery_passes=3, recovery_min_steps=75,
+    batch_size=100, perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
     reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="outer")
 
 #: the most passes ``recovery_min_steps`` asks for: 8, what was measured (1,000 images in batches of 100);
