@@ -166,6 +166,9 @@ def time_to_effect(settings: dict, fresh, metrics, xc, yc, step: float) -> dict:
 
 
 def write_markdown(r: dict, path: Path) -> None:
+    from ibau.scanning import MaskScan
+
+    full_scan = MaskScan(progress=False).explore_images  # what an empty reversed_scan explores with
     effect, tr, j = r["time_to_effect"], r["training"], r["unlearn_job"]
     t = effect["default"]
     ph = j["phases"]
@@ -181,7 +184,7 @@ def write_markdown(r: dict, path: Path) -> None:
           f"fixed-point batch "
           f"{e['settings']['fp_batch'] or 'whole'}, {e['settings']['recovery_passes']} recovery pass(es)"
           + (f", the scan's reversed trigger on {e['settings']['reversed_fraction']:.0%} of the recovery images, "
-             f"the scan ({e['settings'].get('reversed_scan', {}).get('explore_images', 240)} exploring images) "
+             f"the scan ({e['settings'].get('reversed_scan', {}).get('explore_images', full_scan)} exploring images) "
              f"included" if e["settings"]["reversed_fraction"] else "")
           + "): rounds until ASR < 20% and ACC down <= 2 points "
           f"({e['rounds']} round(s), {'effective' if e['effective'] else 'NOT effective'}) | "
