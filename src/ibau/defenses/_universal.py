@@ -64,6 +64,7 @@ class Setup:
     comm: Comm  # the processes (a stand-in for one)
     first: Batch | None = None  # I-BAU: the images of the fixed-point map (set by IBAU._prepare)
     reversed: dict | None = None  # I-BAU: class -> reversed trigger stamped in recovery (reversed_fraction)
+    found: dict | None = None  # I-BAU: those triggers as the scan (or the caller) gave them, before amplify_steps
     pseudo: list[Tensor] | None = None  # I-BAU: per batch, the top class of the model as prepared (round 1's inner pass)
 
 
