@@ -25,7 +25,8 @@ EXPERIMENTS = ["ablation_unlearn_cifar10", "ablation_unlearn_gtsrb", "ablation_r
                "ablation_reversed3s_cifar10", "ablation_reversed3s_gtsrb",
                "ablation_reversed2e_cifar10", "ablation_reversed2e_gtsrb",
                "ablation_reversed3m_cifar10", "ablation_reversed3m_gtsrb",
-               "ablation_reversed3l_cifar10", "ablation_reversed3l_gtsrb"]
+               "ablation_reversed3l_cifar10", "ablation_reversed3l_gtsrb",
+               "ablation_reversed3a_cifar10", "ablation_reversed3a_gtsrb"]
 SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_cifar10", "ablation_fast_seeds_gtsrb",
          "ablation_fast_inner_seeds_cifar10", "ablation_fast_inner_seeds_gtsrb", "ablation_reversed_seeds_cifar10",
          "ablation_reversed_seeds_gtsrb", "ablation_reversed3_seeds_cifar10", "ablation_reversed3_seeds_gtsrb",
@@ -35,7 +36,8 @@ SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_
          "ablation_reversed3s_seeds_cifar10", "ablation_reversed3s_seeds_gtsrb",
          "ablation_reversed2e_seeds_cifar10", "ablation_reversed2e_seeds_gtsrb",
          "ablation_reversed3m_seeds_cifar10", "ablation_reversed3m_seeds_gtsrb",
-         "ablation_reversed3l_seeds_cifar10", "ablation_reversed3l_seeds_gtsrb"]
+         "ablation_reversed3l_seeds_cifar10", "ablation_reversed3l_seeds_gtsrb",
+         "ablation_reversed3a_seeds_cifar10", "ablation_reversed3a_seeds_gtsrb"]
 TARGETS = {2500: (0.10, 0.015), 1000: (0.20, 0.03)}
 #: (variant, clean size) whose cells are another variant's, the same computation: BF25R3M's at least 75
 #: recovery steps a round are BF25R3E's 3 passes over 2,500 images (25 batches), so only its 1,000-image
@@ -67,7 +69,7 @@ def cells(experiments: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", action="store_true", help="include the cells of seeds 1 and 2")
-    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25", "BF25i", "BF25R", "BF25R3", "BF25R3T", "BF25R3H", "BF25R3E", "BF25R3S", "BF25R2E", "BF25R3M", "BF25R3L"])
+    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25", "BF25i", "BF25R", "BF25R3", "BF25R3T", "BF25R3H", "BF25R3E", "BF25R3S", "BF25R2E", "BF25R3M", "BF25R3L", "BF25R3A", "BF25R3A50"])
     args = ap.parse_args()
     table = cells(EXPERIMENTS + (SEEDS if args.seeds else []))
     print("| variant | clean images | cells | ACC drop (points) | ASR (%) | meet | worst drop | worst ASR |")

@@ -72,9 +72,11 @@ def _stamps() -> dict:
 
 #: the fits compared between two processes and one: each solver, the fixed-point map on a subset of the
 #: first batch whose rows the two processes split differently from the batch's (issue 15), and recovery
-#: passes that stamp reversed triggers on images drawn for the global batch (issue 13)
+#: passes that stamp reversed triggers on images drawn for the global batch, amplified first from the
+#: processes' summed gradients (issue 13)
 VARIANTS = {"fixed_point": {}, "cg": {}, "fixed_point+fp_batch": {"fp_batch": 7},
-            "fixed_point+reversed": {"reversed_fraction": 0.3, "reversed_triggers": _stamps()}}
+            "fixed_point+reversed": {"reversed_fraction": 0.3, "reversed_triggers": _stamps()},
+            "fixed_point+amplified": {"reversed_fraction": 0.3, "reversed_triggers": _stamps(), "amplify_steps": 5}}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:

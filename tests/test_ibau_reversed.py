@@ -200,3 +200,87 @@ def test_round_one_reuses_the_teachers_forward_passes_for_its_pseudo_labels(monk
     a, b = run(True), run(False)
     assert calls == [True, False, False, False]  # round 1 reuses them; round 2 (a changed model) does not
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- amplified stamps (amplify_steps) ------------------------------------------------------
+def test_trigger_region_is_the_dilated_support_or_none():
+    from ibau.defenses.ibau import trigger_region
+
+    m = torch.zeros(1, 8, 8)
+    m[0, 4, 4], m[0, 4, 5], m[0, 0, 0] = 0.8, 0.3, 0.01  # 0.01 is under 5% of the largest value
+    region = trigger_region(m)
+    expected = torch.zeros(1, 8, 8)
+    expected[0, 3:6, 3:7] = 1.0  # the two pixels dilated by one
+    assert torch.equal(region, expected)
+    assert trigger_region(torch.zeros(1, 8, 8)) is None  # nothing found
+    big = torch.zeros(1, 8, 8)
+    big[0, 1:7, 1:7] = 1.0
+    assert trigger_region(big) is None  # more than a quarter of the image: a blend's, kept as found
+
+
+def _amplify(model, found, start=None, steps=30):
+    from ibau.defenses._universal import Setup
+    from ibau.distributed import communicator
+
+    x, y = toy.make_data(200, 5)
+    batches = [Batch.of((x[i:i + 50], y[i:i + 50])) for i in range(0, 200, 50)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    setup = Setup(net=model, params=params, batches=batches, optimizer=torch.optim.Adam(params),
+                  generator=torch.Generator().manual_seed(0), comm=communicator(False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out, numbers = IBAU(amplify_steps=steps, progress=False).amplify(setup, found, start)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the model is not touched
+    assert all(p.grad is None for p in model.parameters())
+    return out, numbers, x
+
+
+def _margin(model, x, trig, k):
+    with torch.no_grad():
+        z = model((1 - trig["mask"]) * x + trig["mask"] * trig["pattern"])
+    others = z.clone()
+    others[:, k] = -torch.inf
+    return float((z[:, k] - others.max(1).values).mean())
+
+
+def test_amplify_fills_the_region_with_the_pattern_that_flips_the_model_most():
+    """A faint guess at the toy's backdoor (a grey 2x2 patch, mask 0.3) becomes a full-strength
+    stamp over its dilated region whose margin for the target is far larger."""
+    model = toy.poisoned_model()
+    mask = torch.zeros(1, toy.S, toy.S)
+    mask[:, -3:-1, -3:-1] = 0.3
+    found = {toy.TARGET: {"mask": mask, "pattern": torch.full((toy.C, toy.S, toy.S), 0.5)}}
+    out, numbers, x = _amplify(model, found)
+    trig = out[toy.TARGET]
+    from ibau.defenses.ibau import trigger_region
+
+    assert torch.equal(trig["mask"], trigger_region(mask))
+    assert 0 <= float(trig["pattern"].min()) and float(trig["pattern"].max()) <= 1
+    assert _margin(model, x, trig, toy.TARGET) > _margin(model, x, found[toy.TARGET], toy.TARGET) + 2.0
+    assert numbers["amplify_margin"] > 0
+
+
+def test_amplify_keeps_the_last_stamp_where_nothing_flips_the_model_any_more():
+    model = toy.poisoned_model()
+    with torch.no_grad():
+        model.classifier.bias[toy.TARGET] = -1e4  # no pattern can reach the target now
+    mask = torch.zeros(1, toy.S, toy.S)
+    mask[:, -3:-1, -3:-1] = 1.0
+    found = {toy.TARGET: {"mask": mask, "pattern": torch.ones(toy.C, toy.S, toy.S)}}
+    last = {toy.TARGET: {"mask": mask, "pattern": torch.zeros(toy.C, toy.S, toy.S)}}
+    out, numbers, _ = _amplify(model, found, start=last, steps=5)
+    assert out[toy.TARGET] is last[toy.TARGET] and numbers["amplify_margin"] < 0
+    out, _, _ = _amplify(model, found, steps=5)  # round 1 (no last stamp): the amplified one
+    assert not torch.equal(out[toy.TARGET]["pattern"], found[toy.TARGET]["pattern"])
+
+
+def test_amplified_stamps_change_the_recovery_reproducibly_and_are_recorded():
+    # class 1's corner is amplified; class 3's 3x3 centre dilates past a quarter of the 8x8 image: kept
+    plain, _ = _fit(reversed_fraction=0.3, reversed_triggers=_triggers(), amplify_steps=0)
+    amp, res = _fit(reversed_fraction=0.3, reversed_triggers=_triggers(), amplify_steps=10)
+    again, _ = _fit(reversed_fraction=0.3, reversed_triggers=_triggers(), amplify_steps=10)
+    assert all(torch.equal(amp[k], again[k]) for k in amp)
+    assert any(not torch.equal(amp[k], plain[k]) for k in amp)
+    point = res.history[-1]
+    assert "amplify_margin" in point and point["seconds_amplify"] >= 0
+    with pytest.raises(InputError, match="amplify_steps"):
+        IBAU(amplify_steps=-1)
