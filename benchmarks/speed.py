@@ -120,9 +120,9 @@ def main() -> None:
 
 #: what part 2 times: the default recipe, the default recipe with the float32 outer step whose
 #: hypergradient is the exact K-step value on the whole first batch (the recipe before issue 15), and the
-#: default recipe whose stamps come from ``ibau scan``'s scan (240 exploring images, not STAMP_SCAN's 120)
+#: default recipe whose stamps are not amplified (``amplify_steps=0``: BF25R3M, the default before)
 TIMED = {"default": {}, "default, float32, whole first batch": {"precision": "fp32", "fp_batch": None},
-         "default with ibau scan's full exploring phase for the stamps (the default before)": {"reversed_scan": {}}}
+         "default without amplifying the stamps (BF25R3M, the default before)": {"amplify_steps": 0}}
 
 
 def time_to_effect(settings: dict, fresh, metrics, xc, yc, step: float) -> dict:
@@ -152,7 +152,7 @@ def time_to_effect(settings: dict, fresh, metrics, xc, yc, step: float) -> dict:
 
     return {"settings": {"precision": defense.precision, "fp_batch": defense.fp_batch,
                          "recovery_passes": defense.recovery_passes, "reversed_fraction": defense.reversed_fraction,
-                         "reversed_scan": dict(defense.reversed_scan),
+                         "reversed_scan": dict(defense.reversed_scan), "amplify_steps": defense.amplify_steps,
                          "arithmetic": arithmetic(defense.precision, xc.device)},
             "reversed_classes": res.extras.get("reversed_classes"),
             "effective": res.stop_reason.startswith("effective"), "stop_reason": res.stop_reason,
@@ -184,7 +184,9 @@ def write_markdown(r: dict, path: Path) -> None:
           f"fixed-point batch "
           f"{e['settings']['fp_batch'] or 'whole'}, {e['settings']['recovery_passes']} recovery pass(es)"
           + (f", the scan's reversed trigger on {e['settings']['reversed_fraction']:.0%} of the recovery images, "
-             f"the scan ({e['settings'].get('reversed_scan', {}).get('explore_images', full_scan)} exploring images) "
+             + (f"amplified ({e['settings']['amplify_steps']} steps a round), "
+                if e["settings"].get("amplify_steps") else "")
+             + f"the scan ({e['settings'].get('reversed_scan', {}).get('explore_images', full_scan)} exploring images) "
              f"included" if e["settings"]["reversed_fraction"] else "")
           + "): rounds until ASR < 20% and ACC down <= 2 points "
           f"({e['rounds']} round(s), {'effective' if e['effective'] else 'NOT effective'}) | "
