@@ -311,18 +311,19 @@ class IBAU(UniversalPerturbation):
             (``ablation_reversed3h*.toml``): 11/18 and 12/18 cells against 12/18 and 12/18, and
             the backdoor's return in round 2 is the same, so the default stays ``"outer"``.
         amplify_steps: optimiser steps that *amplify* each stamped trigger at the start of every
-            round (default 50; 0: stamp the triggers as found, the recipes before BF25R3A50). A scan's trigger is the least that flips the
-            model: on the released CIFAR-10 BadNets model it covers 3-4 of the 16 trigger pixels
-            and moves the features a quarter as far as the real trigger, and unlearning it
-            leaves the real one working. Amplifying keeps where the trigger is (the mask's
-            support, dilated by one pixel: :data:`AMPLIFY`) and optimises the pattern there to
-            maximise the target class's logit margin over the clean batches (one batch a step;
-            gradients summed over processes), as far as the model lets it: the features then
-            move along the real trigger's direction (cosine 0.99) and further than it. From
-            round 2 the pattern restarts from the last one against the model as it is now, so
-            what the recovery unlearns is what still works; where nothing in the region flips the
-            model any more (a margin at or below 0), the last pattern is stamped again. Triggers whose region covers more
-            than a quarter of the image (blends, warps) are stamped as found.
+            round (default 50; 0: stamp the triggers as found, the recipes before BF25R3A50). A
+            scan's trigger is the least that flips the model: on the released CIFAR-10 BadNets
+            model it covers 3-4 of the 16 trigger pixels and moves the features a quarter as far
+            as the real trigger, and unlearning it leaves the real one working. Amplifying keeps
+            where the trigger is (the mask's support, dilated by one pixel: :data:`AMPLIFY`) and
+            optimises the pattern there to maximise the target class's logit margin over the
+            clean batches (one batch a step; gradients summed over processes), as far as the
+            model lets it: the features then move along the real trigger's direction (cosine
+            0.99) and further than it. From round 2 the pattern restarts from the last one
+            against the model as it is now, so what the recovery unlearns is what still works;
+            where nothing in the region flips the model any more (a margin at or below 0), the
+            last pattern is stamped again. Triggers whose region covers more than a quarter of
+            the image (blends, warps) are stamped as found.
         distributed: data parallelism over the processes of a ``torch.distributed``
             group (e.g. launched with ``torchrun``; :mod:`ibau.distributed`): ``None``
             (default) uses it when a group of several processes is initialised,
