@@ -199,6 +199,8 @@ def test_unlearn_scans_before_and_after_and_auto_rounds_stop_on_the_scan():
     line = summary(rep).splitlines()[0]
     assert ("weak evidence: the recovery unlearned this scan's own reversed trigger" in line) == \
         (not rep["scan_after"]["backdoored"])
+    # the run line says which class the recovery stamped, and that the stamp was amplified (the default's 50 steps)
+    assert f"reversed trigger (class {d['target']}; amplified, 50 steps a round)" in summary(rep)
 
 
 def test_zoo_benchmark_measures():

@@ -82,7 +82,9 @@ def summary(report: dict[str, Any]) -> str:
         f"(top class {rb['top_class']}: {_pct(rb['top_class_share'])} -> {ra['top_class']}: {_pct(ra['top_class_share'])})",
         f"{report['rounds']} I-BAU round(s) on {report['clean_set_size']} clean images"
         + (f" ({report['config']['arithmetic']})" if report.get("config", {}).get("arithmetic") else "")
-        + (f", recovery also unlearning the scan's reversed trigger (class {class_list(report['reversed_classes'])})"
+        + (f", recovery also unlearning the scan's reversed trigger (class {class_list(report['reversed_classes'])}"
+           + (f"; amplified, {report['config']['amplify_steps']} steps a round"
+              if report.get("config", {}).get("amplify_steps") else "") + ")"
            if report.get("reversed_classes") else "")
         + f"; {_times(report)}; {report['stop_reason']}",
     ]
