@@ -3,6 +3,9 @@ the last round (mean ± s.d.), how many cells meet issue 13's targets, and the w
 grid's JSON (``benchmarks/results/grid``) of the ablation experiments.
 
     python benchmarks/recipe_table.py [--seeds]     # --seeds: also the cells of seeds 1 and 2
+    python benchmarks/recipe_table.py --trained     # the three CPU-trained models instead
+
+A variant "<name>@1" is <name>'s cells after their first round (from each cell's history).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ EXPERIMENTS = ["ablation_unlearn_cifar10", "ablation_unlearn_gtsrb", "ablation_r
                "ablation_reversed2e_cifar10", "ablation_reversed2e_gtsrb",
                "ablation_reversed3m_cifar10", "ablation_reversed3m_gtsrb",
                "ablation_reversed3l_cifar10", "ablation_reversed3l_gtsrb",
-               "ablation_reversed3a_cifar10", "ablation_reversed3a_gtsrb"]
+               "ablation_reversed3a_cifar10", "ablation_reversed3a_gtsrb",
+               "ablation_reversed3af_cifar10", "ablation_reversed3af_gtsrb",
+               "ablation_reversed3afl_cifar10", "ablation_reversed3afl_gtsrb"]
 SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_cifar10", "ablation_fast_seeds_gtsrb",
          "ablation_fast_inner_seeds_cifar10", "ablation_fast_inner_seeds_gtsrb", "ablation_reversed_seeds_cifar10",
          "ablation_reversed_seeds_gtsrb", "ablation_reversed3_seeds_cifar10", "ablation_reversed3_seeds_gtsrb",
@@ -37,7 +42,11 @@ SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_
          "ablation_reversed2e_seeds_cifar10", "ablation_reversed2e_seeds_gtsrb",
          "ablation_reversed3m_seeds_cifar10", "ablation_reversed3m_seeds_gtsrb",
          "ablation_reversed3l_seeds_cifar10", "ablation_reversed3l_seeds_gtsrb",
-         "ablation_reversed3a_seeds_cifar10", "ablation_reversed3a_seeds_gtsrb"]
+         "ablation_reversed3a_seeds_cifar10", "ablation_reversed3a_seeds_gtsrb",
+         "ablation_reversed3af_seeds_cifar10", "ablation_reversed3af_seeds_gtsrb",
+         "ablation_reversed3afl_seeds_cifar10", "ablation_reversed3afl_seeds_gtsrb"]
+#: the models the runner trains itself (lossless clean images it never saw; --trained)
+TRAINED = ["ablation_trained", "ablation_trained_default", "ablation_trained_afl"]
 TARGETS = {2500: (0.10, 0.015), 1000: (0.20, 0.03)}
 #: (variant, clean size) whose cells are another variant's, the same computation: BF25R3M's at least 75
 #: recovery steps a round are BF25R3E's 3 passes over 2,500 images (25 batches), so only its 1,000-image
@@ -47,7 +56,8 @@ SAME_AS = {("BF25R3M", 2500): ("BF25R3E", 2500), ("BF25R3L", 1000): ("BF25R3M", 
 
 
 def cells(experiments: list[str]) -> dict:
-    """(variant, clean size) -> list of (model, split seed, ACC drop, ASR) after the last round."""
+    """(variant, clean size) -> list of (model, split seed, ACC drop, ASR) after the last round; and
+    ("<variant>@1", clean size) -> the same after round 1, for cells of several rounds."""
     out = defaultdict(list)
     for exp in experiments:
         for path in sorted((GRID / exp).glob("*-ibau-*.json")):
@@ -60,6 +70,12 @@ def cells(experiments: list[str]) -> dict:
                 continue
             drop = r["before"]["acc"] - r["after"]["acc"]
             out[(p["variant"], size)].append((p["model"]["name"], p["protocol"]["split_seed"], drop, r["after"]["asr"]))
+            # "<variant>@1": the same cell after round 1, as its history recorded it; round 1 of a two-round
+            # run is the whole of a one-round run (nothing in a round depends on how many follow)
+            first = [h for h in r.get("history", []) if h.get("round") == 1 and "acc" in h]
+            if first and len([h for h in r["history"] if "round" in h and h["round"] >= 1]) > 1:
+                out[(p["variant"] + "@1", size)].append((p["model"]["name"], p["protocol"]["split_seed"],
+                                                         r["before"]["acc"] - first[0]["acc"], first[0]["asr"]))
     for alias, source in SAME_AS.items():
         if alias not in out and source in out:
             out[alias] = list(out[source])
@@ -69,9 +85,11 @@ def cells(experiments: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", action="store_true", help="include the cells of seeds 1 and 2")
-    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25", "BF25i", "BF25R", "BF25R3", "BF25R3T", "BF25R3H", "BF25R3E", "BF25R3S", "BF25R2E", "BF25R3M", "BF25R3L", "BF25R3A", "BF25R3A50"])
+    ap.add_argument("--trained", action="store_true",
+                    help="the three CPU-trained models of ablation_trained*.toml instead of the released ones")
+    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25", "BF25i", "BF25R", "BF25R3", "BF25R3T", "BF25R3H", "BF25R3E", "BF25R3S", "BF25R2E", "BF25R3M", "BF25R3L", "BF25R3A", "BF25R3A50", "BF25R3AF", "BF25R3AFL"])
     args = ap.parse_args()
-    table = cells(EXPERIMENTS + (SEEDS if args.seeds else []))
+    table = cells(TRAINED if args.trained else EXPERIMENTS + (SEEDS if args.seeds else []))
     print("| variant | clean images | cells | ACC drop (points) | ASR (%) | meet | worst drop | worst ASR |")
     print("|---|---|---|---|---|---|---|---|")
     for v in args.variants:
