@@ -170,6 +170,39 @@ def test_recovery_on_hard_labels_changes_only_the_recovery_of_soft_targets(monke
         IBAU(recovery_target="soft")
 
 
+def test_recovery_on_the_labels_fits_the_clean_labels_while_the_outer_steps_keep_the_teacher(monkeypatch):
+    x, y = _data()
+    fitted, outer = [], []
+    original_batch, original_hyper = IBAU.recovery_batch, IBAU.hypergradient
+
+    def recovery_batch(self, setup, batch):
+        out = original_batch(self, setup, batch)
+        fitted.append(out.y)
+        return out
+
+    def hypergradient(self, net, params, delta, batch, *args, **kwargs):
+        outer.append(batch.y)
+        return original_hyper(self, net, params, delta, batch, *args, **kwargs)
+
+    monkeypatch.setattr(IBAU, "recovery_batch", recovery_batch)
+    monkeypatch.setattr(IBAU, "hypergradient", hypergradient)
+    mixed, _ = _fit(outer_target="teacher", recovery_target="labels")
+    # passes over the batches of 20, in order: the recovery fits y itself; the outer steps the soft rows
+    nb = len(x) // 20
+    assert len(outer) == nb and len(fitted) == nb * IBAU().recovery_pass_count(nb)
+    assert all(torch.equal(f, y[20 * (i % nb):20 * (i % nb + 1)]) for i, f in enumerate(fitted))
+    assert all(o.dim() == 2 for o in outer)
+    monkeypatch.setattr(IBAU, "recovery_batch", original_batch)
+    monkeypatch.setattr(IBAU, "hypergradient", original_hyper)
+    soft, _ = _fit(outer_target="teacher")
+    labels, _ = _fit(outer_target="labels")
+    assert any(not torch.equal(mixed[k], soft[k]) for k in soft)
+    assert any(not torch.equal(mixed[k], labels[k]) for k in labels)
+    # with the labels as the outer targets too, "labels" and "outer" are one recipe
+    again, _ = _fit(outer_target="labels", recovery_target="labels")
+    assert all(torch.equal(labels[k], again[k]) for k in labels)
+
+
 def test_round_one_reuses_the_teachers_forward_passes_for_its_pseudo_labels(monkeypatch):
     """The inner pass of round 1 takes the model's top classes from _prepare's teacher forward passes
     instead of running them again: the same weights, bit for bit, as computing them in the pass."""

@@ -66,6 +66,7 @@ class Setup:
     reversed: dict | None = None  # I-BAU: class -> reversed trigger stamped in recovery (reversed_fraction)
     found: dict | None = None  # I-BAU: those triggers as the scan (or the caller) gave them, before amplify_steps
     pseudo: list[Tensor] | None = None  # I-BAU: per batch, the top class of the model as prepared (round 1's inner pass)
+    labels: list[Tensor] | None = None  # I-BAU: per batch, the clean labels where ``batches`` hold soft targets
 
 
 class UniversalPerturbation(Defense):

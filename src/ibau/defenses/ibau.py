@@ -82,7 +82,7 @@ INNER_PROJECTIONS = ("end", "every_step")
 #: what the outer loss fits: the labels, or the soft predictions of the model before unlearning
 OUTER_TARGETS = ("labels", "teacher")
 #: what the recovery passes fit: the outer loss's targets, or their top class (hard labels)
-RECOVERY_TARGETS = ("outer", "argmax")
+RECOVERY_TARGETS = ("outer", "argmax", "labels")
 
 
 def _check_triggers(triggers: Mapping[int, Mapping[str, Tensor]]) -> dict[int, dict[str, Tensor]]:
@@ -322,6 +322,9 @@ class IBAU(UniversalPerturbation):
             backdoored model's other outputs are distilled back). Measured as BF25R3H
             (``ablation_reversed3h*.toml``): 11/18 and 12/18 cells against 12/18 and 12/18, and
             the backdoor's return in round 2 is the same, so the default stays ``"outer"``.
+            ``"labels"``: the clean labels whatever the outer loss fits (with
+            ``outer_target="teacher"``: the outer steps keep the teacher, the recovery does not
+            distil the backdoored model's predictions back; BF25R3AFR, ``ablation_reversed3afr*.toml``).
         amplify_steps: optimiser steps that *amplify* each stamped trigger at the start of every
             round (default 50; 0: stamp the triggers as found, the recipes before BF25R3A50). A
             scan's trigger is the least that flips the model: on the released CIFAR-10 BadNets
@@ -566,6 +569,7 @@ class IBAU(UniversalPerturbation):
             # classes are also round 1's inner pseudo-labels (the same forward passes, not run twice)
             with torch.no_grad():
                 logits = [setup.net(b.x) if len(b.x) else None for b in setup.batches]
+            setup.labels = [b.y for b in setup.batches]
             setup.batches = [b._replace(y=F.softmax(z, 1)) if z is not None else b
                              for b, z in zip(setup.batches, logits)]
             setup.pseudo = [z.argmax(1) if z is not None else torch.zeros(0, dtype=torch.long, device=b.x.device)
@@ -616,7 +620,10 @@ class IBAU(UniversalPerturbation):
         outer_total = setup.comm.sum_float(outer_total, delta.device)
         t_recovery = time.perf_counter()
         passes = self.recovery_pass_count(len(setup.batches))
-        recovery = [self.recovery_step(setup, batch) for _ in range(passes) for batch in setup.batches]
+        batches = setup.batches
+        if self.recovery_target == "labels" and setup.labels is not None:
+            batches = [b._replace(y=labels) for b, labels in zip(batches, setup.labels)]
+        recovery = [self.recovery_step(setup, batch) for _ in range(passes) for batch in batches]
         numbers = {**record, **amplified, "outer_loss": outer_total / len(setup.batches)}
         if recovery:
             numbers["recovery_loss"] = setup.comm.sum_float(sum(recovery), delta.device) / len(recovery)
