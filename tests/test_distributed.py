@@ -112,7 +112,7 @@ def two_ranks(tmp_path_factory):
 def _close(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=1e-4, msg=k)
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.slow  # two spawned processes

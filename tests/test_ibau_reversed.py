@@ -153,15 +153,17 @@ def test_recovery_on_hard_labels_changes_only_the_recovery_of_soft_targets(monke
         fitted.append((batch.y, out.y))
         return out
 
-    soft, _ = _fit(outer_target="teacher", recovery_target="outer")
+    soft, _ = _fit(outer_target="teacher")
+    again, _ = _fit(outer_target="teacher", recovery_target="outer")
     monkeypatch.setattr(IBAU, "recovery_batch", recovery_batch)
     hard, _ = _fit(outer_target="teacher", recovery_target="argmax")
     assert fitted and all(soft_y.dim() == 2 for soft_y, _ in fitted)  # the teacher's soft rows come in
     assert all(torch.equal(y, soft_y.argmax(1)) for soft_y, y in fitted)  # and their top class is fitted
     monkeypatch.setattr(IBAU, "recovery_batch", original)
+    assert all(torch.equal(soft[k], again[k]) for k in soft)  # "outer" is the default
     assert any(not torch.equal(soft[k], hard[k]) for k in soft)
     # with the labels as targets there is nothing soft to harden: the same weights
-    a, _ = _fit(outer_target="labels", recovery_target="outer")
+    a, _ = _fit(outer_target="labels")
     b, _ = _fit(outer_target="labels", recovery_target="argmax")
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(InputError, match="recovery_target"):
@@ -192,10 +194,8 @@ def test_recovery_on_the_labels_fits_the_clean_labels_while_the_outer_steps_keep
     assert all(o.dim() == 2 for o in outer)
     monkeypatch.setattr(IBAU, "recovery_batch", original_batch)
     monkeypatch.setattr(IBAU, "hypergradient", original_hyper)
-    soft, _ = _fit(outer_target="teacher", recovery_target="outer")
+    soft, _ = _fit(outer_target="teacher")
     labels, _ = _fit(outer_target="labels")
-    default, _ = _fit(outer_target="teacher")  # the default recipe's recovery fits the labels
-    assert IBAU().recovery_target == "labels" and all(torch.equal(mixed[k], default[k]) for k in mixed)
     assert any(not torch.equal(mixed[k], soft[k]) for k in soft)
     assert any(not torch.equal(mixed[k], labels[k]) for k in labels)
     # with the labels as the outer targets too, "labels" and "outer" are one recipe
