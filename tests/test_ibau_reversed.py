@@ -75,13 +75,21 @@ def test_scans_when_no_triggers_are_given_and_unlearns_the_planted_trigger():
         return res, backdoor_metrics(model, x_eval, y_eval, toy.trigger(), toy.TARGET)
 
     before = backdoor_metrics(toy.poisoned_model(), x_eval, y_eval, toy.trigger(), toy.TARGET)
-    res, after = run(reversed_fraction=0.2)
+    # the stamps' own effect, with the recovery on the teacher (which alone keeps the backdoor)
+    res, after = run(reversed_fraction=0.2, recovery_target="outer")
     assert res.extras["reversed_classes"] == [toy.TARGET]
-    _, plain = run(reversed_fraction=0.0)
+    _, plain = run(reversed_fraction=0.0, recovery_target="outer")
     assert before["asr"] > 0.9
-    # measured: ASR 0.54 with the stamps against 0.94 without (the toy's universal perturbation misses the patch)
+    # measured: ASR 0.54 (one CPU) and 0.56 (another) with the stamps against 0.94 and 0.95 without (the toy's
+    # universal perturbation misses the patch). This toy's trajectories depend on the CPU's float kernels:
+    # the same run lost 0.9 points of accuracy on one and 5.2 on another, so accuracy is asserted for the
+    # default below, which lost 0.8 and 1.8.
     assert after["asr"] < plain["asr"] - 0.2, (after, plain)
-    assert after["acc"] > before["acc"] - 0.05
+    # the default recovery, on the labels, with the stamps: lower still (measured 0.17 and 0.18; 0.25-0.27
+    # without the stamps)
+    _, default = run(reversed_fraction=0.2)
+    assert default["asr"] < after["asr"] - 0.1, (default, after)
+    assert default["acc"] > before["acc"] - 0.05
 
 
 def test_bad_reversed_settings_are_input_errors():
@@ -153,17 +161,15 @@ def test_recovery_on_hard_labels_changes_only_the_recovery_of_soft_targets(monke
         fitted.append((batch.y, out.y))
         return out
 
-    soft, _ = _fit(outer_target="teacher")
-    again, _ = _fit(outer_target="teacher", recovery_target="outer")
+    soft, _ = _fit(outer_target="teacher", recovery_target="outer")
     monkeypatch.setattr(IBAU, "recovery_batch", recovery_batch)
     hard, _ = _fit(outer_target="teacher", recovery_target="argmax")
     assert fitted and all(soft_y.dim() == 2 for soft_y, _ in fitted)  # the teacher's soft rows come in
     assert all(torch.equal(y, soft_y.argmax(1)) for soft_y, y in fitted)  # and their top class is fitted
     monkeypatch.setattr(IBAU, "recovery_batch", original)
-    assert all(torch.equal(soft[k], again[k]) for k in soft)  # "outer" is the default
     assert any(not torch.equal(soft[k], hard[k]) for k in soft)
     # with the labels as targets there is nothing soft to harden: the same weights
-    a, _ = _fit(outer_target="labels")
+    a, _ = _fit(outer_target="labels", recovery_target="outer")
     b, _ = _fit(outer_target="labels", recovery_target="argmax")
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(InputError, match="recovery_target"):
@@ -194,8 +200,10 @@ def test_recovery_on_the_labels_fits_the_clean_labels_while_the_outer_steps_keep
     assert all(o.dim() == 2 for o in outer)
     monkeypatch.setattr(IBAU, "recovery_batch", original_batch)
     monkeypatch.setattr(IBAU, "hypergradient", original_hyper)
-    soft, _ = _fit(outer_target="teacher")
+    soft, _ = _fit(outer_target="teacher", recovery_target="outer")
     labels, _ = _fit(outer_target="labels")
+    default, _ = _fit(outer_target="teacher")  # the default recipe's recovery fits the labels
+    assert IBAU().recovery_target == "labels" and all(torch.equal(mixed[k], default[k]) for k in mixed)
     assert any(not torch.equal(mixed[k], soft[k]) for k in soft)
     assert any(not torch.equal(mixed[k], labels[k]) for k in labels)
     # with the labels as the outer targets too, "labels" and "outer" are one recipe
