@@ -40,7 +40,7 @@ PAPER_SETTINGS: dict[str, Any] = dict(
     fp_step=0.1, fp_projected=False, hypergrad_iters=5, hypergrad_solver="fixed_point", hypergrad_tol=1e-10,
     outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, recovery_min_steps=0,
     batch_size=100, perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32", inner_precision=None,
-    reversed_fraction=0.0, reversed_scan={}, recovery_target="outer", amplify_steps=0)
+    reversed_fraction=0.0, reversed_scan={}, recovery_target="outer", amplify_steps=0, recovery_smoothing=0.0)
 
 #: the scan the default recipe runs for its stamps: :class:`ibau.scanning.MaskScan` as ``ibau scan`` runs
 #: it (the same triggers and flags), without the per-class success rates of the report, which the stamps
@@ -62,7 +62,8 @@ DEFAULT_SETTINGS: dict[str, Any] = dict(
     fp_step=0.1, fp_projected=True, hypergrad_iters=2, hypergrad_solver="fixed_point", hypergrad_tol=1e-10,
     outer_lr=1e-3, outer_optimizer="adam", outer_target="teacher", recovery_passes=3, recovery_min_steps=75,
     batch_size=100, perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
-    reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="labels", amplify_steps=50)
+    reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="labels", amplify_steps=50,
+    recovery_smoothing=0.0)
 
 #: How the stamps are amplified (``amplify_steps`` > 0): the region is the scan's mask where it
 #: exceeds ``mask_share`` of its largest value, dilated by ``dilation`` pixels; regions that cover
@@ -410,6 +411,7 @@ class IBAU(UniversalPerturbation):
         reversed_scan: Mapping[str, Any] | None = STAMP_SCAN,
         recovery_target: str = "labels",
         amplify_steps: int = 50,
+        recovery_smoothing: float = 0.0,
         distributed: bool | None = None,
         progress: bool = True,
     ):
@@ -437,6 +439,7 @@ class IBAU(UniversalPerturbation):
         self.reversed_scan = _check_scan_settings(reversed_scan)
         self.recovery_target = check_choice("recovery_target", recovery_target, RECOVERY_TARGETS)
         self.amplify_steps = check_int("amplify_steps", amplify_steps, low=0)
+        self.recovery_smoothing = check_number("recovery_smoothing", recovery_smoothing, low=0, high=1, high_open=True)
         self.distributed = check_choice("distributed", distributed, (True, False, None))
 
     @classmethod
@@ -744,7 +747,7 @@ class IBAU(UniversalPerturbation):
             grads = [torch.zeros_like(p) for p in setup.params]
             loss = torch.zeros(())
         else:
-            loss = batch.weight * F.cross_entropy(setup.net(batch.x), batch.y)
+            loss = batch.weight * F.cross_entropy(setup.net(batch.x), batch.y, label_smoothing=self.recovery_smoothing)
             grads = list(torch.autograd.grad(loss, setup.params, allow_unused=True))
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, setup.params)]
         for p, g in zip(setup.params, setup.comm.all_reduce_sum(grads)):
