@@ -25,12 +25,15 @@ SHARED_DATA = Path(os.environ.get("IBAU_SHARED_DATA", Path(__file__).resolve().p
 
 @pytest.fixture(autouse=True)
 def _threads():
-    """Every test runs with one torch thread: the same numbers on every machine (results of
-    float reductions depend on the thread count), and no slowdown when the cores are shared
-    (the tests' models are tiny; two spinning threads on a loaded 2-core machine ran 5-10x
-    slower)."""
+    """Every test runs with one torch thread and torch's global generator seeded with 0: the same
+    numbers whatever the machine's core count and whichever tests ran before (results of float
+    reductions depend on the thread count; they also depend on the CPU's kernels, so tests keep
+    margins that hold across CPUs), and no slowdown when the cores are shared (the tests' models are
+    tiny; two spinning threads on a loaded 2-core machine ran 5-10x slower)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    # module-scoped fixtures are built before this runs: they seed themselves
+    torch.manual_seed(0)
     yield
     torch.set_num_threads(before)
 
