@@ -4,6 +4,8 @@ grid's JSON (``benchmarks/results/grid``) of the ablation experiments.
 
     python benchmarks/recipe_table.py [--seeds]     # --seeds: also the cells of seeds 1 and 2
     python benchmarks/recipe_table.py --trained     # the three CPU-trained models instead
+    python benchmarks/recipe_table.py --grid benchmarks/results/grid_epyc --seeds --cells --variants A B
+                                                    # another machine's grid; A and B cell by cell
 
 A variant "<name>@1" is <name>'s cells after their first round (from each cell's history).
 """
@@ -32,7 +34,8 @@ EXPERIMENTS = ["ablation_unlearn_cifar10", "ablation_unlearn_gtsrb", "ablation_r
                "ablation_reversed3a_cifar10", "ablation_reversed3a_gtsrb",
                "ablation_reversed3af_cifar10", "ablation_reversed3af_gtsrb",
                "ablation_reversed3afl_cifar10", "ablation_reversed3afl_gtsrb",
-               "ablation_reversed3afr_cifar10", "ablation_reversed3afr_gtsrb"]
+               "ablation_reversed3afr_cifar10", "ablation_reversed3afr_gtsrb",
+               "ablation_reversed3afrs_cifar10", "ablation_reversed3afrs_gtsrb"]
 SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_cifar10", "ablation_fast_seeds_gtsrb",
          "ablation_fast_inner_seeds_cifar10", "ablation_fast_inner_seeds_gtsrb", "ablation_reversed_seeds_cifar10",
          "ablation_reversed_seeds_gtsrb", "ablation_reversed3_seeds_cifar10", "ablation_reversed3_seeds_gtsrb",
@@ -46,9 +49,11 @@ SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_
          "ablation_reversed3a_seeds_cifar10", "ablation_reversed3a_seeds_gtsrb",
          "ablation_reversed3af_seeds_cifar10", "ablation_reversed3af_seeds_gtsrb",
          "ablation_reversed3afl_seeds_cifar10", "ablation_reversed3afl_seeds_gtsrb",
-         "ablation_reversed3afr_seeds_cifar10", "ablation_reversed3afr_seeds_gtsrb"]
+         "ablation_reversed3afr_seeds_cifar10", "ablation_reversed3afr_seeds_gtsrb",
+         "ablation_reversed3afrs_seeds_cifar10", "ablation_reversed3afrs_seeds_gtsrb"]
 #: the models the runner trains itself (lossless clean images it never saw; --trained)
-TRAINED = ["ablation_trained", "ablation_trained_default", "ablation_trained_afl", "ablation_trained_afr"]
+TRAINED = ["ablation_trained", "ablation_trained_default", "ablation_trained_afl", "ablation_trained_afr",
+           "ablation_trained_afrs"]
 TARGETS = {2500: (0.10, 0.015), 1000: (0.20, 0.03)}
 #: (variant, clean size) whose cells are another variant's, the same computation: BF25R3M's at least 75
 #: recovery steps a round are BF25R3E's 3 passes over 2,500 images (25 batches), so only its 1,000-image
@@ -57,12 +62,12 @@ TARGETS = {2500: (0.10, 0.015), 1000: (0.20, 0.03)}
 SAME_AS = {("BF25R3M", 2500): ("BF25R3E", 2500), ("BF25R3L", 1000): ("BF25R3M", 1000)}
 
 
-def cells(experiments: list[str]) -> dict:
+def cells(experiments: list[str], grid: Path = GRID) -> dict:
     """(variant, clean size) -> list of (model, split seed, ACC drop, ASR) after the last round; and
     ("<variant>@1", clean size) -> the same after round 1, for cells of several rounds."""
     out = defaultdict(list)
     for exp in experiments:
-        for path in sorted((GRID / exp).glob("*-ibau-*.json")):
+        for path in sorted((grid / exp).glob("*-ibau-*.json")):
             rec = json.loads(path.read_text())
             if rec.get("status", "ok") not in ("ok", "done", "finished") and "result" not in rec:
                 continue
@@ -89,9 +94,11 @@ def main() -> None:
     ap.add_argument("--seeds", action="store_true", help="include the cells of seeds 1 and 2")
     ap.add_argument("--trained", action="store_true",
                     help="the three CPU-trained models of ablation_trained*.toml instead of the released ones")
-    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25", "BF25i", "BF25R", "BF25R3", "BF25R3T", "BF25R3H", "BF25R3E", "BF25R3S", "BF25R2E", "BF25R3M", "BF25R3L", "BF25R3A", "BF25R3A50", "BF25R3AF", "BF25R3AFL", "BF25R3AFR"])
+    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25", "BF25i", "BF25R", "BF25R3", "BF25R3T", "BF25R3H", "BF25R3E", "BF25R3S", "BF25R2E", "BF25R3M", "BF25R3L", "BF25R3A", "BF25R3A50", "BF25R3AF", "BF25R3AFL", "BF25R3AFR", "BF25R3AFRS"])
+    ap.add_argument("--grid", type=Path, default=GRID, help="the grid's results folder (default: %(default)s)")
+    ap.add_argument("--cells", action="store_true", help="then every cell: ACC drop / ASR per variant, side by side")
     args = ap.parse_args()
-    table = cells(TRAINED if args.trained else EXPERIMENTS + (SEEDS if args.seeds else []))
+    table = cells(TRAINED if args.trained else EXPERIMENTS + (SEEDS if args.seeds else []), args.grid)
     print("| variant | clean images | cells | ACC drop (points) | ASR (%) | meet | worst drop | worst ASR |")
     print("|---|---|---|---|---|---|---|---|")
     for v in args.variants:
@@ -107,6 +114,15 @@ def main() -> None:
             print(f"| {v} | {size:,} | {len(rows)} | {statistics.mean(drops):.1f} ± {sd(drops):.1f} | "
                   f"{statistics.mean(asrs):.1f} ± {sd(asrs):.1f} | {meet}/{len(rows)} | {max(drops):.1f} | "
                   f"{max(asrs):.1f} |")
+    if args.cells:
+        print("\n| model | split seed | clean images | " + " | ".join(f"{v}: drop / ASR" for v in args.variants) + " |")
+        print("|---|---|---|" + "---|" * len(args.variants))
+        for size in (2500, 1000):
+            per = {v: {(m, sd): (d, a) for m, sd, d, a in table.get((v, size), [])} for v in args.variants}
+            for key in sorted(set().union(*per.values())):
+                shown = [f"{100 * per[v][key][0]:.1f} / {100 * per[v][key][1]:.1f}" if key in per[v] else "-"
+                         for v in args.variants]
+                print(f"| {key[0]} | {key[1]} | {size:,} | " + " | ".join(shown) + " |")
 
 
 if __name__ == "__main__":
