@@ -80,13 +80,13 @@ def test_scans_when_no_triggers_are_given_and_unlearns_the_planted_trigger():
     assert res.extras["reversed_classes"] == [toy.TARGET]
     _, plain = run(reversed_fraction=0.0, recovery_target="outer")
     assert before["asr"] > 0.9
-    # measured: ASR 0.54 (one CPU) and 0.56 (another) with the stamps against 0.94 and 0.95 without (the toy's
-    # universal perturbation misses the patch). This toy's trajectories depend on the CPU's float kernels:
-    # the same run lost 0.9 points of accuracy on one and 5.2 on another, so accuracy is asserted for the
-    # default below, which lost 0.8 and 1.8.
+    # measured: ASR 0.54 (an Intel CPU) and 0.56 (an AMD one) with the stamps against 0.94 and 0.95 without
+    # (the toy's universal perturbation misses the patch). This toy's trajectories depend on the CPU's float
+    # kernels: the same run stayed within 5 points of accuracy on the Intel CPU and lost 5.2 on the AMD one,
+    # so accuracy is asserted for the default below (AMD: 0.8 points lost with one thread, 1.9 with two).
     assert after["asr"] < plain["asr"] - 0.2, (after, plain)
-    # the default recovery, on the labels, with the stamps: lower still (measured 0.17 and 0.18; 0.25-0.27
-    # without the stamps)
+    # the default recovery, on the labels, with the stamps: lower still (AMD, one and two threads: 0.17 and
+    # 0.18; 0.27 and 0.25 without the stamps)
     _, default = run(reversed_fraction=0.2)
     assert default["asr"] < after["asr"] - 0.1, (default, after)
     assert default["acc"] > before["acc"] - 0.05

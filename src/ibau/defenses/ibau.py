@@ -240,7 +240,9 @@ class IBAU(UniversalPerturbation):
     (3 at 1,000 images) on 9 of 18 cells, up to 4.6 points, where on 4,000 unused JPEG images the
     worst runs lose 0.8 or less; on three weak models trained on CPU (61%, 62% and 45% accuracy,
     lossless clean sets) it leaves 10.1% ASR on the blend and 17% on WaNet at 2,500 images, and the
-    WaNet model loses 20 points under every recipe measured; see the README's tables.
+    WaNet model loses 20 points under every recipe measured. These figures are from an Intel CPU
+    with AMX; on an AMD EPYC (AVX512-BF16, other float kernels, other trajectories) CIFAR-10 BadNets
+    keeps 25% and 28% ASR on two seeds at 2,500 images; see the README's tables.
 
     Deviations from the authors' script in both recipes, each deliberate:
 
