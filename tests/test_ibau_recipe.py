@@ -134,9 +134,9 @@ def test_small_clean_sets_get_more_recovery_passes_up_to_the_cap():
     class Counting(IBAU):
         steps = 0
 
-        def recovery_step(self, setup, batch):
+        def recovery_step(self, setup, batch, labels=None):
             Counting.steps += 1
-            return super().recovery_step(setup, batch)
+            return super().recovery_step(setup, batch, labels)
 
     x, y = toy.make_data(100, 3)
     Counting(rounds=1, batch_size=50, recovery_passes=1, recovery_min_steps=5, reversed_fraction=0,

@@ -137,9 +137,9 @@ def test_unlearn_stamps_the_triggers_of_its_own_scan_without_scanning_again(monk
         runs.append(len(x))
         return original_run(self, model, x, y)
 
-    def stamp(self, setup, batch):
+    def stamp(self, setup, batch, labels=None):
         stamped.append(sorted(setup.reversed))
-        return original_stamp(self, setup, batch)
+        return original_stamp(self, setup, batch, labels)
 
     monkeypatch.setattr(MaskScan, "run", run)
     monkeypatch.setattr(IBAU, "stamp_reversed", stamp)
@@ -156,8 +156,8 @@ def test_recovery_on_hard_labels_changes_only_the_recovery_of_soft_targets(monke
     fitted = []
     original = IBAU.recovery_batch
 
-    def recovery_batch(self, setup, batch):  # the targets each recovery step fits
-        out = original(self, setup, batch)
+    def recovery_batch(self, setup, batch, labels=None):  # the targets each recovery step fits
+        out = original(self, setup, batch, labels)
         fitted.append((batch.y, out.y))
         return out
 
@@ -181,8 +181,8 @@ def test_recovery_on_the_labels_fits_the_clean_labels_while_the_outer_steps_keep
     fitted, outer = [], []
     original_batch, original_hyper = IBAU.recovery_batch, IBAU.hypergradient
 
-    def recovery_batch(self, setup, batch):
-        out = original_batch(self, setup, batch)
+    def recovery_batch(self, setup, batch, labels=None):
+        out = original_batch(self, setup, batch, labels)
         fitted.append(out.y)
         return out
 
@@ -335,8 +335,8 @@ def test_recovery_smoothing_fits_the_smoothed_labels(monkeypatch):
     assert any(not torch.equal(smoothed[k], plain[k]) for k in plain)
     original = IBAU.recovery_batch
 
-    def soft_rows(self, setup, batch):
-        out = original(self, setup, batch)
+    def soft_rows(self, setup, batch, labels=None):
+        out = original(self, setup, batch, labels)
         return out._replace(y=0.9 * torch.nn.functional.one_hot(out.y, 5).float() + 0.1 / 5)  # 5 classes
 
     monkeypatch.setattr(IBAU, "recovery_batch", soft_rows)

@@ -125,12 +125,14 @@ def run_options(p, *, seed_help: str = "seed of every random draw (default: 0)")
 IBAU_OPTIONS = ("norm_bound", "batch_size", "outer_lr", "outer_optimizer", "outer_target", "inner_lr", "inner_reg",
                 "inner_optimizer", "inner_projection", "fp_step", "hypergrad_iters", "hypergrad_solver",
                 "perturb_fraction", "recovery_passes", "recovery_min_steps", "fp_batch", "precision", "inner_precision",
-                "reversed_fraction", "recovery_target", "amplify_steps", "recovery_smoothing")
+                "reversed_fraction", "recovery_target", "amplify_steps", "recovery_smoothing", "flagged_mass",
+                "stamp_classes")
 
 
 def ibau_options(p) -> None:
     """One option per I-BAU setting, its default shown from :class:`ibau.IBAU`'s signature."""
-    from ..defenses.ibau import INNER_PROJECTIONS, OPTIMIZERS, OUTER_TARGETS, RECOVERY_TARGETS, IBAU
+    from ..defenses.ibau import (FLAGGED_MASS, INNER_PROJECTIONS, OPTIMIZERS, OUTER_TARGETS, RECOVERY_TARGETS,
+                                 STAMP_CLASSES, IBAU)
     from ..hypergrad import SOLVERS
     from ..precision import PRECISIONS
 
@@ -140,7 +142,8 @@ def ibau_options(p) -> None:
     choices = {"outer_optimizer": sorted(OPTIMIZERS), "inner_optimizer": sorted(OPTIMIZERS),
                "hypergrad_solver": sorted(SOLVERS), "outer_target": list(OUTER_TARGETS),
                "inner_projection": list(INNER_PROJECTIONS), "precision": list(PRECISIONS),
-               "inner_precision": list(PRECISIONS), "recovery_target": list(RECOVERY_TARGETS)}
+               "inner_precision": list(PRECISIONS), "recovery_target": list(RECOVERY_TARGETS),
+               "flagged_mass": list(FLAGGED_MASS), "stamp_classes": list(STAMP_CLASSES)}
     for name in IBAU_OPTIONS:
         default = params[name].default
         if name == "norm_bound":

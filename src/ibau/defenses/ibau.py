@@ -30,7 +30,7 @@ from ..precision import PRECISIONS, float32_view, with_precision
 from ._universal import Batch, Setup, UniversalPerturbation
 
 __all__ = ["IBAU", "UniversalPerturbation", "Batch", "perturbed_count", "PAPER_SETTINGS", "DEFAULT_SETTINGS",
-           "INNER_PROJECTIONS", "OUTER_TARGETS", "RECOVERY_TARGETS", "STAMP_SCAN",
+           "INNER_PROJECTIONS", "OUTER_TARGETS", "RECOVERY_TARGETS", "FLAGGED_MASS", "STAMP_CLASSES", "STAMP_SCAN",
            "RECIPES", "OPTIMIZERS"]
 
 #: The configuration of the paper and the authors' released code and notebooks
@@ -40,7 +40,8 @@ PAPER_SETTINGS: dict[str, Any] = dict(
     fp_step=0.1, fp_projected=False, hypergrad_iters=5, hypergrad_solver="fixed_point", hypergrad_tol=1e-10,
     outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, recovery_min_steps=0,
     batch_size=100, perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32", inner_precision=None,
-    reversed_fraction=0.0, reversed_scan={}, recovery_target="outer", amplify_steps=0, recovery_smoothing=0.0)
+    reversed_fraction=0.0, reversed_scan={}, recovery_target="outer", amplify_steps=0, recovery_smoothing=0.0,
+    flagged_mass="keep", stamp_classes="all")
 
 #: the scan the default recipe runs for its stamps: :class:`ibau.scanning.MaskScan` as ``ibau scan`` runs
 #: it (the same triggers and flags), without the per-class success rates of the report, which the stamps
@@ -63,7 +64,7 @@ DEFAULT_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="teacher", recovery_passes=3, recovery_min_steps=75,
     batch_size=100, perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
     reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="labels", amplify_steps=50,
-    recovery_smoothing=0.0)
+    recovery_smoothing=0.0, flagged_mass="keep", stamp_classes="all")
 
 #: How the stamps are amplified (``amplify_steps`` > 0): the region is the scan's mask where it
 #: exceeds ``mask_share`` of its largest value, dilated by ``dilation`` pixels; regions that cover
@@ -84,6 +85,10 @@ INNER_PROJECTIONS = ("end", "every_step")
 OUTER_TARGETS = ("labels", "teacher")
 #: what the recovery passes fit: the outer loss's targets, their top class (hard labels), or the clean labels
 RECOVERY_TARGETS = ("outer", "argmax", "labels")
+#: where the teacher's probability of a class the scan flagged goes on images of other labels
+FLAGGED_MASS = ("keep", "label")
+#: which images a class's reversed trigger is stamped on: any, or only those labelled with another class
+STAMP_CLASSES = ("all", "others")
 
 
 def _check_triggers(triggers: Mapping[int, Mapping[str, Tensor]]) -> dict[int, dict[str, Tensor]]:
@@ -94,6 +99,20 @@ def _check_triggers(triggers: Mapping[int, Mapping[str, Tensor]]) -> dict[int, d
             raise InputError(f"reversed_triggers[{k}] must hold 'mask' (1, H, W) and 'pattern' (C, H, W) tensors")
         out[check_int("reversed_triggers class", k, low=0)] = {"mask": t["mask"].detach().float(),
                                                               "pattern": t["pattern"].detach().float()}
+    return out
+
+
+def move_flagged_mass(probs: Tensor, labels: Tensor, classes: Sequence[int]) -> Tensor:
+    """Soft targets ``probs`` (N, C) whose probability of each class of ``classes`` is moved to
+    the label on the rows labelled with another class (``flagged_mass="label"``); rows labelled
+    with a class of ``classes`` are unchanged. A row still sums to what it summed to."""
+    out = probs.clone()
+    rows = torch.arange(len(labels), device=labels.device)
+    for k in classes:
+        other = labels != k
+        r, y = rows[other], labels[other]
+        out[r, y] += out[r, k]
+        out[r, k] = 0
     return out
 
 
@@ -421,6 +440,8 @@ class IBAU(UniversalPerturbation):
         recovery_target: str = "labels",
         amplify_steps: int = 50,
         recovery_smoothing: float = 0.0,
+        flagged_mass: str = "keep",
+        stamp_classes: str = "all",
         distributed: bool | None = None,
         progress: bool = True,
     ):
@@ -449,6 +470,8 @@ class IBAU(UniversalPerturbation):
         self.recovery_target = check_choice("recovery_target", recovery_target, RECOVERY_TARGETS)
         self.amplify_steps = check_int("amplify_steps", amplify_steps, low=0)
         self.recovery_smoothing = check_number("recovery_smoothing", recovery_smoothing, low=0, high=1, high_open=True)
+        self.flagged_mass = check_choice("flagged_mass", flagged_mass, FLAGGED_MASS)
+        self.stamp_classes = check_choice("stamp_classes", stamp_classes, STAMP_CLASSES)
         self.distributed = check_choice("distributed", distributed, (True, False, None))
 
     @classmethod
@@ -642,10 +665,11 @@ class IBAU(UniversalPerturbation):
         outer_total = setup.comm.sum_float(outer_total, delta.device)
         t_recovery = time.perf_counter()
         passes = self.recovery_pass_count(len(setup.batches))
+        labels = setup.labels or [b.y for b in setup.batches]  # hard labels (the batches hold them without a teacher)
         batches = setup.batches
-        if self.recovery_target == "labels" and setup.labels is not None:
-            batches = [b._replace(y=labels) for b, labels in zip(batches, setup.labels)]
-        recovery = [self.recovery_step(setup, batch) for _ in range(passes) for batch in batches]
+        if self.recovery_target == "labels":
+            batches = [b._replace(y=y) for b, y in zip(batches, labels)]
+        recovery = [self.recovery_step(setup, batch, y) for _ in range(passes) for batch, y in zip(batches, labels)]
         numbers = {**record, **amplified, "outer_loss": outer_total / len(setup.batches)}
         if recovery:
             numbers["recovery_loss"] = setup.comm.sum_float(sum(recovery), delta.device) / len(recovery)
@@ -677,6 +701,9 @@ class IBAU(UniversalPerturbation):
                 setup.reversed = self._reversed
             run.extras["reversed_classes"] = sorted(setup.reversed)
             setup.found = setup.reversed
+            if self.flagged_mass == "label" and setup.labels is not None and setup.found:
+                setup.batches = [b._replace(y=move_flagged_mass(b.y, y, sorted(setup.found)))
+                                 for b, y in zip(setup.batches, setup.labels)]
         super()._fit(run, setup)
 
     def amplify(self, setup: Setup, found: Mapping[int, Mapping[str, Tensor]],
@@ -723,35 +750,43 @@ class IBAU(UniversalPerturbation):
         in :meth:`fit`), e.g. those of a scan the caller has already run."""
         self._reversed = None if triggers is None else _check_triggers(triggers)
 
-    def stamp_reversed(self, setup: Setup, batch: Batch) -> Batch:
+    def stamp_reversed(self, setup: Setup, batch: Batch, labels: Tensor | None = None) -> Batch:
         """``batch`` with ``reversed_fraction`` of its (global) images stamped with the reversed
-        triggers in turn, ``(1 - mask) * x + mask * pattern``; their targets unchanged."""
-        triggers = list((setup.reversed or {}).values())
-        if not triggers:
+        triggers in turn, ``(1 - mask) * x + mask * pattern``; their targets unchanged. With
+        ``stamp_classes="others"`` and ``labels`` (this process's rows' clean labels), an image
+        labelled ``k`` takes the next trigger of another class instead of class ``k``'s, and none
+        when every trigger is of its class."""
+        items = list((setup.reversed or {}).items())
+        if not items:
             return batch
         chosen = choose_perturbed(batch.size, self.reversed_fraction, setup.generator).tolist()
+        own = self.stamp_classes == "all" or labels is None
         x = batch.x.clone()
         for j, i in enumerate(chosen):
             if batch.rows.start <= i < batch.rows.stop:
-                t = triggers[j % len(triggers)]
-                m = t["mask"].to(x.device, x.dtype)
-                x[i - batch.rows.start] = (1 - m) * x[i - batch.rows.start] + m * t["pattern"].to(x.device, x.dtype)
+                r = i - batch.rows.start
+                turn = [items[(j + q) % len(items)] for q in range(len(items))]
+                t = next((t for k, t in turn if own or int(labels[r]) != k), None)
+                if t is not None:
+                    m = t["mask"].to(x.device, x.dtype)
+                    x[r] = (1 - m) * x[r] + m * t["pattern"].to(x.device, x.dtype)
         return batch._replace(x=x)
 
-    def recovery_batch(self, setup: Setup, batch: Batch) -> Batch:
+    def recovery_batch(self, setup: Setup, batch: Batch, labels: Tensor | None = None) -> Batch:
         """What a recovery step fits: ``batch`` with the reversed triggers stamped on some
-        images (``reversed_fraction``) and, with ``recovery_target="argmax"``, the top class of
-        its soft targets instead of the soft rows."""
+        images (``reversed_fraction``; ``labels``: the rows' clean labels, for ``stamp_classes``)
+        and, with ``recovery_target="argmax"``, the top class of its soft targets instead of the
+        soft rows."""
         if self.reversed_fraction > 0:
-            batch = self.stamp_reversed(setup, batch)
+            batch = self.stamp_reversed(setup, batch, labels)
         if self.recovery_target == "argmax" and batch.y.dim() == 2:
             batch = batch._replace(y=batch.y.argmax(1))
         return batch
 
-    def recovery_step(self, setup: Setup, batch: Batch) -> float:
+    def recovery_step(self, setup: Setup, batch: Batch, labels: Tensor | None = None) -> float:
         """One plain optimiser step on the clean loss of :meth:`recovery_batch` (no
         perturbation): the recovery passes that end each round (``recovery_passes``)."""
-        batch = self.recovery_batch(setup, batch)
+        batch = self.recovery_batch(setup, batch, labels)
         if len(batch.x) == 0:
             grads = [torch.zeros_like(p) for p in setup.params]
             loss = torch.zeros(())
