@@ -329,3 +329,21 @@ def test_ablation_table_counts_models_meeting_the_targets():
     assert "| V0 | 2,500 | 2 | 5.5 ± 6.4 | 25.0 ± 35.4 | 0/2 | 5.5 ± 6.4 | 2.5 ± 3.5 | 1/2 |" in text
     assert "| V1 | 2,500 | 1 | 0.0 | 9.0 | 1/1 | 0.0 | 12.0 | 0/1 |" in text
     assert "1.0 / 50.0 → 1.0 / 5.0 ✓" in text and "10.0 / 0.0 → 10.0 / 0.0 |" in text
+
+
+def test_a_cell_with_many_axes_gets_a_result_file_name_the_file_system_accepts(tmp_path):
+    """A label of every axis can pass 255 bytes (the grid once failed to write such a cell): the
+    name is cut, the key keeps the cells apart, and the record is written and found finished."""
+    from ibau.bench.runner import write_record
+    from ibau.bench.spec import MAX_LABEL, Cell
+
+    settings = {f"an_axis_with_a_long_name_{i}": "a_long_value_too" for i in range(12)}
+    cells = [Cell("exp", {"model": {"name": "m"}, "defense": "ibau", "settings": {**settings, "seed": s}},
+                  label="-".join(f"{k}={v}" for k, v in settings.items()) + f"-s{s}") for s in (0, 1)]
+    assert all(len(c.label) > 255 for c in cells)
+    names = [c.filename for c in cells]
+    assert names[0] != names[1] and all(len(n) + 14 <= 255 for n in names)  # 14: the atomic write's "." and ".XXXXXXXX.tmp"
+    assert names[0].startswith(cells[0].label[:MAX_LABEL] + "-")
+    record = {**cells[0].as_dict(), "status": "ok", "result": {}, "wall_seconds": 0.0}
+    assert write_record(tmp_path, record)["status"] == "ok"
+    assert finished(tmp_path, cells[0]) and not finished(tmp_path, cells[1])

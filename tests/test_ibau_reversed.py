@@ -6,6 +6,7 @@ import torch
 
 from ibau import IBAU, InputError, testing as toy
 from ibau.defenses._universal import Batch
+from ibau.defenses.ibau import move_flagged_mass
 from ibau.metrics import backdoor_metrics
 
 _data, _vgg = toy.noise_data, toy.seeded_vgg
@@ -345,3 +346,81 @@ def test_recovery_smoothing_fits_the_smoothed_labels(monkeypatch):
     assert all(torch.allclose(smoothed[k], by_hand[k], atol=2e-5) for k in plain)
     with pytest.raises(InputError, match="recovery_smoothing"):
         IBAU(recovery_smoothing=1.0)
+
+
+def test_flagged_mass_moves_each_flagged_class_to_the_label_on_rows_of_other_labels():
+    p = torch.softmax(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)), 1)
+    y = torch.tensor([0, 1, 2, 3, 4, 1, 3, 0])
+    out = move_flagged_mass(p, y, [1, 3])
+    torch.testing.assert_close(out.sum(1), p.sum(1))
+    for i in range(8):
+        moved = [k for k in (1, 3) if k != int(y[i])]
+        for c in range(5):
+            if c in moved:
+                assert out[i, c] == 0  # the flagged class, on an image of another label: nothing left
+            elif c == int(y[i]):
+                torch.testing.assert_close(out[i, c], p[i, c] + sum(p[i, k] for k in moved))
+            else:
+                assert out[i, c] == p[i, c]
+    assert torch.equal(move_flagged_mass(p, y, []), p)
+
+
+def test_flagged_mass_changes_the_teacher_only_where_a_class_was_flagged(monkeypatch):
+    x, y = _data()
+    outer = []
+    original = IBAU.hypergradient
+
+    def hypergradient(self, net, params, delta, batch, *args, **kwargs):
+        outer.append(batch.y)
+        return original(self, net, params, delta, batch, *args, **kwargs)
+
+    monkeypatch.setattr(IBAU, "hypergradient", hypergradient)
+    keep, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers())
+    teacher = list(outer)
+    outer.clear()
+    moved, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="label")
+    assert any(not torch.equal(keep[k], moved[k]) for k in keep)
+    for i, (t, m) in enumerate(zip(teacher, outer)):  # batches of 20, in order
+        labels = y[20 * i:20 * (i + 1)]
+        torch.testing.assert_close(m, move_flagged_mass(t, labels, [1, 3]))
+        assert all(m[r, k] == 0 for r in range(len(labels)) for k in (1, 3) if int(labels[r]) != k)
+    monkeypatch.setattr(IBAU, "hypergradient", original)
+    # nothing flagged, or no teacher (the outer steps fit the labels): the same weights as "keep"
+    a, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers={})
+    b, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers={}, flagged_mass="label")
+    c, _ = _fit(outer_target="labels", reversed_fraction=0.3, reversed_triggers=_triggers())
+    d, _ = _fit(outer_target="labels", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="label")
+    assert all(torch.equal(a[k], b[k]) and torch.equal(c[k], d[k]) for k in a)
+    with pytest.raises(InputError, match="flagged_mass"):
+        IBAU(flagged_mass="target")
+
+
+def test_stamp_classes_others_never_stamps_a_class_trigger_on_an_image_of_that_class():
+    x, _ = _data(20)
+    ibau = IBAU(reversed_fraction=0.5, reversed_triggers=_triggers(), stamp_classes="others", progress=False)
+    t = _triggers()
+    chosen = torch.randperm(20, generator=torch.Generator().manual_seed(5))[:10].tolist()
+
+    def stamp(labels, triggers):
+        class _Setup:
+            reversed = triggers
+            generator = torch.Generator().manual_seed(5)
+
+        return ibau.stamp_reversed(_Setup, Batch.of((x, labels)), labels).x
+
+    ones = torch.ones(20, dtype=torch.long)
+    assert torch.equal(stamp(ones, {1: t[1]}), x)  # every image is of the only trigger's class: none stamped
+    out = stamp(ones, t)  # both triggers: the images labelled 1 all take class 3's
+    for i in range(20):
+        want = (1 - t[3]["mask"]) * x[i] + t[3]["mask"] * t[3]["pattern"] if i in chosen else x[i]
+        torch.testing.assert_close(out[i], want)
+    labels = torch.full((20,), 4)  # no image of a flagged class: the triggers in turn, as with "all"
+    every = IBAU(reversed_fraction=0.5, reversed_triggers=_triggers(), progress=False)
+
+    class _Setup:
+        reversed = every._reversed
+        generator = torch.Generator().manual_seed(5)
+
+    assert torch.equal(stamp(labels, ibau._reversed), every.stamp_reversed(_Setup, Batch.of((x, labels)), labels).x)
+    with pytest.raises(InputError, match="stamp_classes"):
+        IBAU(stamp_classes="none")

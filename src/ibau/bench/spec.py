@@ -71,6 +71,10 @@ PROFILE_KEYS = {
 #: model (trained by the runner from a seeded subset of the training split) never saw: lossless and unseen
 CLEAN_SOURCES = ("test", "train_unseen")
 
+#: the longest cell label a result file's name keeps (:attr:`Cell.filename`): with "-", the 12-character key, ".json"
+#: and the atomic write's temporary "." and ".XXXXXXXX.tmp" (32 characters in all), 255: what most file systems allow
+MAX_LABEL = 223
+
 
 class SpecError(InputError):
     """An experiment file that cannot be expanded (unknown key, model, profile...)."""
@@ -105,7 +109,10 @@ class Cell:
 
     @property
     def filename(self) -> str:
-        return f"{self.label}-{self.key}.json"
+        """``LABEL-KEY.json``; a label too long for a file name (most file systems allow 255 bytes, and
+        the atomic write adds a temporary suffix) is cut to :data:`MAX_LABEL` characters: the key
+        still tells the cells apart."""
+        return f"{self.label[:MAX_LABEL]}-{self.key}.json"
 
     def as_dict(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "key": self.key, "label": self.label, "params": self.params}

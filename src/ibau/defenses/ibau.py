@@ -378,6 +378,19 @@ class IBAU(UniversalPerturbation):
             ``ablation_trained_afrs.toml``): ``ibau demo`` seeds 0-4 lost at most 1.3 points against
             up to 5.1 without, but the CIFAR-10 and CPU-trained cells met the targets in 6 of 16
             against 10 (CIFAR-10 BadNets 38.5% ASR at 2,500 images): not the default.
+        flagged_mass: where the teacher (``outer_target="teacher"``: the soft predictions of the model
+            before unlearning, which the outer steps fit, and the recovery with ``recovery_target="outer"``)
+            puts its probability of a class the scan flagged (the classes of the reversed triggers) on
+            images labelled with another class: ``"keep"`` (default: where the model put it) or
+            ``"label"``: moved to the image's label (:func:`move_flagged_mass`). A backdoored model gives
+            its target more probability on clean images than they deserve, and fitting it teaches that
+            bias back; the other classes' soft probabilities stay. Nothing changes where nothing was
+            flagged or without a teacher.
+        stamp_classes: which recovery images a class's reversed trigger is stamped on: ``"all"``
+            (default: any chosen image) or ``"others"``: only images labelled with another class (an
+            image labelled ``k`` takes the next trigger of another class, none if there is none). With
+            its targets kept, a target-class image stamped with its own class's trigger teaches
+            "trigger -> target", the backdoor itself.
         distributed: data parallelism over the processes of a ``torch.distributed``
             group (e.g. launched with ``torchrun``; :mod:`ibau.distributed`): ``None``
             (default) uses it when a group of several processes is initialised,
