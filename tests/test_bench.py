@@ -238,7 +238,7 @@ def test_grid_cells_are_bit_identical_for_a_seed(tmp_path, tiny_grid, one_thread
     assert first["default"] != first["paper"]
 
 
-def test_failed_cell_is_recorded_and_retried(tmp_path, one_thread):
+def test_failed_cell_is_recorded_and_retried(tmp_path, one_thread, capsys):
     path = spec(tmp_path, """
         [experiment]
         name = "bad"
@@ -257,6 +257,8 @@ def test_failed_cell_is_recorded_and_retried(tmp_path, one_thread):
     assert s.failed == 1 and not finished(tmp_path / "r", cells[0])
     err = json.loads(next((tmp_path / "r" / "bad").glob("*.error.json")).read_text())
     assert "weights not found" in err["error"] and "make it first" in err["error"]
+    said = capsys.readouterr()
+    assert not said.out and "failed: " in said.err and "weights not found" in said.err  # quiet, not silent
     assert run_grid(cells, results=tmp_path / "r", cache=tmp_path / "c", data_dir=tmp_path, workers=0, threads=1,
                     progress=False, printer=None).failed == 1  # tried again, not skipped
 

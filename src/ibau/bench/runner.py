@@ -167,6 +167,10 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_grid(cells: list[Cell], *, results: str | os.PathLike, cache: str | os.PathLike,
              data_dir: str | os.PathLike | None = None, workers: int = 1, device: str = "cpu",
              threads: int | None = None, progress: bool = True, printer=print, limit: int | None = None,
@@ -181,6 +185,8 @@ def run_grid(cells: list[Cell], *, results: str | os.PathLike, cache: str | os.P
         workers: parallel child processes (0: run in this process).
         threads: torch threads per cell (default: the CPU count divided by workers).
         limit: run at most this many cells (then stop; the rest on a later run).
+        printer: where the count of cells to run and each failed cell are said (``None``: quiet,
+            only the failures, on stderr).
         order: ``"file"`` (as expanded) or ``"defense"`` (every cell of the cheap methods
             first, in :data:`DEFENSE_ORDER`; the order does not change any result).
         ray: dispatch the cells to a Ray cluster: its address (``"auto"``, ``"ray://host:10001"``)
@@ -219,9 +225,8 @@ def run_grid(cells: list[Cell], *, results: str | os.PathLike, cache: str | os.P
         if status["status"] == "ok":
             summary.done += 1
         else:
-            summary.failed += 1
-            if printer:
-                printer(f"cell {status['label']} failed: {status['error']}")
+            summary.failed += 1  # said even when quiet (printer None): on stderr
+            (printer or _to_stderr)(f"cell {status['label']} failed: {status['error']}")
         bar.set_postfix_str(status["label"][:40])
         bar.update()
 
