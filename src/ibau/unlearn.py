@@ -237,7 +237,7 @@ def unlearn(
         history = [h for h in result.history if h.get("round", 0) > 0]
         if rounds == "auto" and result.stop_reason.startswith("completed"):
             stop_reason = f"reached max_rounds={max_rounds}"
-        elif rounds != "auto":
+        elif rounds != "auto" and result.stop_reason.startswith("completed"):
             stop_reason = f"ran the requested {rounds} round(s)"
         else:
             stop_reason = result.stop_reason

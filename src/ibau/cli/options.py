@@ -82,6 +82,16 @@ def _number(kind: type) -> Callable[[str], Any]:
 INT, FLOAT = _number(int), _number(float)
 
 
+def _yes_no(text: str) -> bool:
+    """An on/off option's value: yes/no (also true/false, on/off, 1/0)."""
+    word = text.strip().lower()
+    if word in ("yes", "true", "on", "1"):
+        return True
+    if word in ("no", "false", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
 def optional_float(text: str) -> float | None:
     if text.strip().lower() in ("none", "best-effort"):
         return None
@@ -126,7 +136,7 @@ IBAU_OPTIONS = ("norm_bound", "batch_size", "outer_lr", "outer_optimizer", "oute
                 "inner_optimizer", "inner_projection", "fp_step", "hypergrad_iters", "hypergrad_solver",
                 "perturb_fraction", "recovery_passes", "recovery_min_steps", "fp_batch", "precision", "inner_precision",
                 "reversed_fraction", "recovery_target", "amplify_steps", "recovery_smoothing", "flagged_mass",
-                "stamp_classes")
+                "stamp_classes", "stop_unmoved")
 
 
 def ibau_options(p) -> None:
@@ -150,13 +160,16 @@ def ibau_options(p) -> None:
             kind, shown = optional_float, "10 for 3x32x32 images, scaled to other sizes as 10*sqrt(C*H*W/3072)"
         elif name == "inner_precision":
             kind, shown = str, "as --precision"
+        elif isinstance(default, bool):
+            kind, shown = _yes_no, "yes" if default else "no"
         elif name == "fp_batch":
             kind, shown = INT, f"{default} images of the first batch" if default else "the whole first batch"
         else:
             kind = str if name in choices else (INT if isinstance(default, int) and not isinstance(default, bool) else FLOAT)
             shown = default
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices.get(name),
-                       metavar=None if name in choices else name.upper(), help=f"(default: {shown})")
+                       metavar=None if name in choices else "yes|no" if isinstance(default, bool) else name.upper(),
+                       help=f"(default: {shown})")
 
 
 def ibau_settings(args: argparse.Namespace) -> dict[str, Any]:

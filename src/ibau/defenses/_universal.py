@@ -67,6 +67,7 @@ class Setup:
     found: dict | None = None  # I-BAU: those triggers as the scan (or the caller) gave them, before amplify_steps
     pseudo: list[Tensor] | None = None  # I-BAU: per batch, the top class of the model as prepared (round 1's inner pass)
     labels: list[Tensor] | None = None  # I-BAU: per batch, the clean labels where ``batches`` hold soft targets
+    amplified: dict | None = None  # I-BAU: the numbers of this round's amplification (IBAU.before_round)
 
 
 class UniversalPerturbation(Defense):
@@ -167,6 +168,10 @@ class UniversalPerturbation(Defense):
         run.extras["delta"] = torch.zeros((1, *run.x.shape[1:]))
         for r in range(1, self.rounds + 1):
             t0 = time.perf_counter()
+            stop = self.before_round(r, setup)
+            if stop:
+                run.reason = stop
+                break
             numbers, first_phase = self.round(r, setup, run.extras)
             seconds = time.perf_counter() - t0
             if not all(math.isfinite(float(p.detach().abs().sum())) for p in setup.params):
@@ -177,6 +182,11 @@ class UniversalPerturbation(Defense):
 
     #: the history field of the seconds spent on the perturbation step of a round
     phase_key = "seconds_perturbation"
+
+    def before_round(self, r: int, setup: Setup) -> str | None:
+        """Work at the start of round ``r``, counted in its seconds; a reason (a string) ends the
+        run before the round, with that stop reason. The base class always goes on."""
+        return None
 
     @abc.abstractmethod
     def round(self, r: int, setup: Setup, extras: dict[str, Any]) -> tuple[dict[str, Any], float]:

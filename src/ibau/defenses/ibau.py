@@ -41,7 +41,7 @@ PAPER_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, recovery_min_steps=0,
     batch_size=100, perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32", inner_precision=None,
     reversed_fraction=0.0, reversed_scan={}, recovery_target="outer", amplify_steps=0, recovery_smoothing=0.0,
-    flagged_mass="keep", stamp_classes="all")
+    flagged_mass="keep", stamp_classes="all", stop_unmoved=False)
 
 #: the scan the default recipe runs for its stamps: :class:`ibau.scanning.MaskScan` as ``ibau scan`` runs
 #: it (the same triggers and flags), without the per-class success rates of the report, which the stamps
@@ -64,7 +64,7 @@ DEFAULT_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="teacher", recovery_passes=3, recovery_min_steps=75,
     batch_size=100, perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
     reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="labels", amplify_steps=50,
-    recovery_smoothing=0.0, flagged_mass="keep", stamp_classes="all")
+    recovery_smoothing=0.0, flagged_mass="keep", stamp_classes="all", stop_unmoved=False)
 
 #: How the stamps are amplified (``amplify_steps`` > 0): the region is the scan's mask where it
 #: exceeds ``mask_share`` of its largest value, dilated by ``dilation`` pixels; regions that cover
@@ -84,7 +84,7 @@ INNER_PROJECTIONS = ("end", "every_step")
 #: what the outer loss fits: the labels, or the soft predictions of the model before unlearning
 OUTER_TARGETS = ("labels", "teacher")
 #: what the recovery passes fit: the outer loss's targets, their top class (hard labels), or the clean labels
-RECOVERY_TARGETS = ("outer", "argmax", "labels")
+RECOVERY_TARGETS = ("outer", "argmax", "labels", "auto")
 #: where the teacher's probability of a class the scan flagged goes on images of other labels
 FLAGGED_MASS = ("keep", "label")
 #: which images a class's reversed trigger is stamped on: any, or only those labelled with another class
@@ -455,6 +455,7 @@ class IBAU(UniversalPerturbation):
         recovery_smoothing: float = 0.0,
         flagged_mass: str = "keep",
         stamp_classes: str = "all",
+        stop_unmoved: bool = False,
         distributed: bool | None = None,
         progress: bool = True,
     ):
@@ -485,6 +486,7 @@ class IBAU(UniversalPerturbation):
         self.recovery_smoothing = check_number("recovery_smoothing", recovery_smoothing, low=0, high=1, high_open=True)
         self.flagged_mass = check_choice("flagged_mass", flagged_mass, FLAGGED_MASS)
         self.stamp_classes = check_choice("stamp_classes", stamp_classes, STAMP_CLASSES)
+        self.stop_unmoved = check_choice("stop_unmoved", stop_unmoved, (True, False))
         self.distributed = check_choice("distributed", distributed, (True, False, None))
 
     @classmethod
@@ -654,11 +656,7 @@ class IBAU(UniversalPerturbation):
         """One round of Algorithm 1: the inner maximisation, then one outer step per batch."""
         from tqdm.auto import tqdm
 
-        amplified = {}
-        if self.amplify_steps and setup.found:
-            t_amp = time.perf_counter()
-            setup.reversed, amplified = self.amplify(setup, setup.found, None if r == 1 else setup.reversed)
-            amplified["seconds_amplify"] = time.perf_counter() - t_amp
+        amplified, setup.amplified = setup.amplified or {}, None
         t0 = time.perf_counter()
         inner_net = setup.net if self.inner_precision is None else \
             with_precision(float32_view(setup.net), model_device(setup.net), self.inner_precision)
@@ -680,7 +678,7 @@ class IBAU(UniversalPerturbation):
         passes = self.recovery_pass_count(len(setup.batches))
         labels = setup.labels or [b.y for b in setup.batches]  # hard labels (the batches hold them without a teacher)
         batches = setup.batches
-        if self.recovery_target == "labels":
+        if self.recovery_target == "labels" or (self.recovery_target == "auto" and not setup.found):
             batches = [b._replace(y=y) for b, y in zip(batches, labels)]
         recovery = [self.recovery_step(setup, batch, y) for _ in range(passes) for batch, y in zip(batches, labels)]
         numbers = {**record, **amplified, "outer_loss": outer_total / len(setup.batches)}
@@ -688,6 +686,21 @@ class IBAU(UniversalPerturbation):
             numbers["recovery_loss"] = setup.comm.sum_float(sum(recovery), delta.device) / len(recovery)
             numbers["seconds_recovery"] = time.perf_counter() - t_recovery
         return numbers, t_inner
+
+    def before_round(self, r: int, setup: Setup) -> str | None:
+        """Amplify the stamps for round ``r`` (``amplify_steps``); from round 2, with
+        ``stop_unmoved``, end the run when no amplified trigger moves the model any more (every
+        margin at or below 0) and every stamped trigger was amplified."""
+        if not (self.amplify_steps and setup.found):
+            return None
+        t_amp = time.perf_counter()
+        setup.reversed, setup.amplified = self.amplify(setup, setup.found, None if r == 1 else setup.reversed)
+        setup.amplified["seconds_amplify"] = time.perf_counter() - t_amp
+        margins = setup.amplified.pop("amplify_margins")
+        if r > 1 and self.stop_unmoved and margins and len(margins) == len(setup.found) and max(margins) <= 0:
+            return (f"stopped before round {r}: the amplified trigger(s) no longer move the model "
+                    f"(best margin {max(margins):.2f} <= 0)")
+        return None
 
     def recovery_pass_count(self, batches: int) -> int:
         """Recovery passes a round makes over ``batches`` clean batches: ``recovery_passes``,
@@ -727,7 +740,8 @@ class IBAU(UniversalPerturbation):
         from ``start``'s pattern (else ``found``'s); where that margin ends at or below 0 (the
         region no longer flips the model), ``start``'s trigger stays. Returns the triggers (hard
         mask, pattern) and ``{"amplify_margin": the last step's margin, averaged over the classes
-        amplified}``."""
+        amplified, "amplify_margins": the list of those margins}`` (no ``"amplify_margin"`` when no
+        class was amplified)."""
         out, margins = {}, []
         device = setup.batches[0].x.device
         for k, t in found.items():
@@ -756,7 +770,8 @@ class IBAU(UniversalPerturbation):
                 out[k] = start[k]  # the model no longer answers to the region: stamp what it unlearned
             else:
                 out[k] = {"mask": region.cpu(), "pattern": torch.sigmoid(logits).detach().cpu()}
-        return out, ({"amplify_margin": sum(margins) / len(margins)} if margins else {})
+        return out, ({"amplify_margin": sum(margins) / len(margins), "amplify_margins": margins} if margins
+                     else {"amplify_margins": []})
 
     def use_reversed_triggers(self, triggers: Mapping[int, Mapping[str, Tensor]] | None) -> None:
         """Set the triggers the recovery passes stamp (``reversed_triggers``; ``None``: scan
