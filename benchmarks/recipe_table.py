@@ -35,7 +35,9 @@ EXPERIMENTS = ["ablation_unlearn_cifar10", "ablation_unlearn_gtsrb", "ablation_r
                "ablation_reversed3af_cifar10", "ablation_reversed3af_gtsrb",
                "ablation_reversed3afl_cifar10", "ablation_reversed3afl_gtsrb",
                "ablation_reversed3afr_cifar10", "ablation_reversed3afr_gtsrb",
-               "ablation_reversed3afrs_cifar10", "ablation_reversed3afrs_gtsrb"]
+               "ablation_reversed3afrs_cifar10", "ablation_reversed3afrs_gtsrb",
+               "ablation_reversed3afd_cifar10", "ablation_reversed3afd_gtsrb",
+               "ablation_reversed3afdx_cifar10", "ablation_reversed3afdx_gtsrb"]
 SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_cifar10", "ablation_fast_seeds_gtsrb",
          "ablation_fast_inner_seeds_cifar10", "ablation_fast_inner_seeds_gtsrb", "ablation_reversed_seeds_cifar10",
          "ablation_reversed_seeds_gtsrb", "ablation_reversed3_seeds_cifar10", "ablation_reversed3_seeds_gtsrb",
@@ -50,10 +52,12 @@ SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_
          "ablation_reversed3af_seeds_cifar10", "ablation_reversed3af_seeds_gtsrb",
          "ablation_reversed3afl_seeds_cifar10", "ablation_reversed3afl_seeds_gtsrb",
          "ablation_reversed3afr_seeds_cifar10", "ablation_reversed3afr_seeds_gtsrb",
-         "ablation_reversed3afrs_seeds_cifar10", "ablation_reversed3afrs_seeds_gtsrb"]
+         "ablation_reversed3afrs_seeds_cifar10", "ablation_reversed3afrs_seeds_gtsrb",
+         "ablation_reversed3afd_seeds_cifar10", "ablation_reversed3afd_seeds_gtsrb",
+         "ablation_reversed3afdx_seeds_cifar10", "ablation_reversed3afdx_seeds_gtsrb"]
 #: the models the runner trains itself (lossless clean images it never saw; --trained)
 TRAINED = ["ablation_trained", "ablation_trained_default", "ablation_trained_afl", "ablation_trained_afr",
-           "ablation_trained_afrs"]
+           "ablation_trained_afrs", "ablation_trained_afd", "ablation_trained_afdx"]
 TARGETS = {2500: (0.10, 0.015), 1000: (0.20, 0.03)}
 #: (variant, clean size) whose cells are another variant's, the same computation: BF25R3M's at least 75
 #: recovery steps a round are BF25R3E's 3 passes over 2,500 images (25 batches), so only its 1,000-image
@@ -94,7 +98,7 @@ def main() -> None:
     ap.add_argument("--seeds", action="store_true", help="include the cells of seeds 1 and 2")
     ap.add_argument("--trained", action="store_true",
                     help="the three CPU-trained models of ablation_trained*.toml instead of the released ones")
-    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25", "BF25i", "BF25R", "BF25R3", "BF25R3T", "BF25R3H", "BF25R3E", "BF25R3S", "BF25R2E", "BF25R3M", "BF25R3L", "BF25R3A", "BF25R3A50", "BF25R3AF", "BF25R3AFL", "BF25R3AFR", "BF25R3AFRS"])
+    ap.add_argument("--variants", nargs="*", default=["V0", "W2", "F25", "BF", "BF25", "BF25i", "BF25R", "BF25R3", "BF25R3T", "BF25R3H", "BF25R3E", "BF25R3S", "BF25R2E", "BF25R3M", "BF25R3L", "BF25R3A", "BF25R3A50", "BF25R3AF", "BF25R3AFL", "BF25R3AFR", "BF25R3AFRS", "BF25R3AFD", "BF25R3AFDX"])
     ap.add_argument("--grid", type=Path, default=GRID, help="the grid's results folder (default: %(default)s)")
     ap.add_argument("--cells", action="store_true", help="then every cell: ACC drop / ASR per variant, side by side")
     args = ap.parse_args()
