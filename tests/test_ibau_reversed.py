@@ -76,18 +76,22 @@ def test_scans_when_no_triggers_are_given_and_unlearns_the_planted_trigger():
         return res, backdoor_metrics(model, x_eval, y_eval, toy.trigger(), toy.TARGET)
 
     before = backdoor_metrics(toy.poisoned_model(), x_eval, y_eval, toy.trigger(), toy.TARGET)
-    # the stamps' own effect, with the recovery on the teacher (which alone keeps the backdoor)
-    res, after = run(reversed_fraction=0.2, recovery_target="outer")
+    # the stamps' own effect, with the recovery on the teacher as the model gave it (which alone keeps the
+    # backdoor) and the stamps on any image: the recipe of BF25R3AF
+    before_afd = {"flagged_mass": "keep", "stamp_classes": "all", "stop_unmoved": False}
+    res, after = run(reversed_fraction=0.2, recovery_target="outer", **before_afd)
     assert res.extras["reversed_classes"] == [toy.TARGET]
-    _, plain = run(reversed_fraction=0.0, recovery_target="outer")
+    _, plain = run(reversed_fraction=0.0, recovery_target="outer", **before_afd)
     assert before["asr"] > 0.9
     # measured: ASR 0.54 (an Intel CPU) and 0.56 (an AMD one) with the stamps against 0.94 and 0.95 without
     # (the toy's universal perturbation misses the patch). This toy's trajectories depend on the CPU's float
     # kernels: the same run stayed within 5 points of accuracy on the Intel CPU and lost 5.2 on the AMD one,
     # so accuracy is asserted for the default below (AMD: 0.8 points lost with one thread, 1.9 with two).
     assert after["asr"] < plain["asr"] - 0.2, (after, plain)
-    # the default recovery, on the labels, with the stamps: lower still (AMD, one and two threads: 0.17 and
-    # 0.18; 0.27 and 0.25 without the stamps)
+    # the default: the teacher without the flagged class's excess, the stamps on images of other classes
+    # only: lower still (AMD, two threads: 0.26; round 2 runs, its amplified margin is 2.9 > 0). The recovery
+    # on the labels (BF25R3AFR) reaches 0.18 on this toy, lower than the default here, not on the
+    # benchmark's models (README, "On a second machine")
     _, default = run(reversed_fraction=0.2)
     assert default["asr"] < after["asr"] - 0.1, (default, after)
     assert default["acc"] > before["acc"] - 0.05
@@ -203,8 +207,8 @@ def test_recovery_on_the_labels_fits_the_clean_labels_while_the_outer_steps_keep
     monkeypatch.setattr(IBAU, "hypergradient", original_hyper)
     soft, _ = _fit(outer_target="teacher", recovery_target="outer")
     labels, _ = _fit(outer_target="labels")
-    default, _ = _fit(outer_target="teacher")  # the default recipe's recovery fits the labels
-    assert IBAU().recovery_target == "labels" and all(torch.equal(mixed[k], default[k]) for k in mixed)
+    default, _ = _fit(outer_target="teacher")  # nothing flagged (no stamps): the default's "auto" fits the labels
+    assert IBAU().recovery_target == "auto" and all(torch.equal(mixed[k], default[k]) for k in mixed)
     assert any(not torch.equal(mixed[k], soft[k]) for k in soft)
     assert any(not torch.equal(mixed[k], labels[k]) for k in labels)
     # with the labels as the outer targets too, "labels" and "outer" are one recipe
@@ -375,7 +379,7 @@ def test_flagged_mass_changes_the_teacher_only_where_a_class_was_flagged(monkeyp
         return original(self, net, params, delta, batch, *args, **kwargs)
 
     monkeypatch.setattr(IBAU, "hypergradient", hypergradient)
-    keep, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers())
+    keep, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="keep")
     teacher = list(outer)
     outer.clear()
     moved, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="label")
@@ -386,9 +390,9 @@ def test_flagged_mass_changes_the_teacher_only_where_a_class_was_flagged(monkeyp
         assert all(m[r, k] == 0 for r in range(len(labels)) for k in (1, 3) if int(labels[r]) != k)
     monkeypatch.setattr(IBAU, "hypergradient", original)
     # nothing flagged, or no teacher (the outer steps fit the labels): the same weights as "keep"
-    a, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers={})
+    a, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers={}, flagged_mass="keep")
     b, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers={}, flagged_mass="label")
-    c, _ = _fit(outer_target="labels", reversed_fraction=0.3, reversed_triggers=_triggers())
+    c, _ = _fit(outer_target="labels", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="keep")
     d, _ = _fit(outer_target="labels", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="label")
     assert all(torch.equal(a[k], b[k]) and torch.equal(c[k], d[k]) for k in a)
     with pytest.raises(InputError, match="flagged_mass"):
@@ -415,7 +419,7 @@ def test_stamp_classes_others_never_stamps_a_class_trigger_on_an_image_of_that_c
         want = (1 - t[3]["mask"]) * x[i] + t[3]["mask"] * t[3]["pattern"] if i in chosen else x[i]
         torch.testing.assert_close(out[i], want)
     labels = torch.full((20,), 4)  # no image of a flagged class: the triggers in turn, as with "all"
-    every = IBAU(reversed_fraction=0.5, reversed_triggers=_triggers(), progress=False)
+    every = IBAU(reversed_fraction=0.5, reversed_triggers=_triggers(), stamp_classes="all", progress=False)
 
     class _Setup:
         reversed = every._reversed
@@ -424,3 +428,50 @@ def test_stamp_classes_others_never_stamps_a_class_trigger_on_an_image_of_that_c
     assert torch.equal(stamp(labels, ibau._reversed), every.stamp_reversed(_Setup, Batch.of((x, labels)), labels).x)
     with pytest.raises(InputError, match="stamp_classes"):
         IBAU(stamp_classes="none")
+
+
+def test_recovery_target_auto_fits_the_teacher_where_a_class_was_flagged_and_the_labels_where_none():
+    common = {"outer_target": "teacher", "reversed_fraction": 0.3}
+    flagged = {t: _fit(recovery_target=t, reversed_triggers=_triggers(), **common)[0] for t in ("auto", "outer", "labels")}
+    none = {t: _fit(recovery_target=t, reversed_triggers={}, **common)[0] for t in ("auto", "outer", "labels")}
+    assert all(torch.equal(flagged["auto"][k], flagged["outer"][k]) for k in flagged["auto"])
+    assert all(torch.equal(none["auto"][k], none["labels"][k]) for k in none["auto"])
+    assert any(not torch.equal(flagged["auto"][k], flagged["labels"][k]) for k in flagged["auto"])
+    assert any(not torch.equal(none["auto"][k], none["outer"][k]) for k in none["auto"])
+
+
+def test_stop_unmoved_ends_the_run_before_a_round_whose_amplified_triggers_move_nothing(monkeypatch):
+    margins = {}
+
+    def amplify(self, setup, found, start=None):  # the triggers as found, with the margins the test sets
+        m = margins["value"]
+        return dict(found), {"amplify_margin": sum(m) / len(m), "amplify_margins": list(m)}
+
+    monkeypatch.setattr(IBAU, "amplify", amplify)
+
+    def run(m, triggers=None, **settings):
+        margins["value"] = m
+        x, y = _data()
+        res = IBAU(rounds=3, batch_size=20, norm_bound=2.0, seed=1, progress=False, precision="fp32", fp_batch=None,
+                   reversed_fraction=0.3, reversed_triggers=triggers or {1: _triggers()[1]}, amplify_steps=5,
+                   **{"stop_unmoved": True, **settings}).fit(_vgg(), x, y)
+        return [h["round"] for h in res.history if h.get("round")], res.stop_reason
+
+    done, reason = run([-1.0])  # round 1 always runs; before round 2 nothing moves the model: the end
+    assert done == [1] and reason.startswith("stopped before round 2") and "-1.00" in reason
+    assert run([0.5]) == ([1, 2, 3], "completed 3 rounds")  # the trigger still moves it: on
+    assert run([-1.0], stop_unmoved=False)[0] == [1, 2, 3]  # the rule off
+    assert run([-1.0], triggers=_triggers())[0] == [1, 2, 3]  # one of two triggers not amplified: no evidence
+    assert run([-1.0, 0.2], triggers=_triggers())[0] == [1, 2, 3]  # one still moves it
+    with pytest.raises(InputError, match="stop_unmoved"):
+        IBAU(stop_unmoved="yes")
+
+
+def test_unlearn_reports_a_stop_before_the_requested_rounds(monkeypatch):
+    from ibau.unlearn import unlearn
+
+    monkeypatch.setattr(IBAU, "before_round", lambda self, r, setup: "stopped before round 2: a test" if r == 2 else None)
+    d = toy.digits_backdoor("one_target")
+    res = unlearn(d["model"], d["x_clean"], d["y_clean"], holdout=100, rounds=2, batch_size=25, robustness_passes=1,
+                  scan=False, progress=False, precision="fp32", reversed_fraction=0.0)
+    assert res.report["stop_reason"] == "stopped before round 2: a test" and res.report["rounds"] == 1
