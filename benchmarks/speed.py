@@ -191,7 +191,7 @@ def write_markdown(r: dict, path: Path) -> None:
           + "): rounds until ASR < 20% and ACC down <= 2 points "
           f"({e['rounds']} round(s), {'effective' if e['effective'] else 'NOT effective'}) | "
           f"{e['seconds']:.1f} | {e['epochs']:.1f} | <= 30 s (15 s) |" for name, e in effect.items()],
-        f"| whole `ibau.unlearn` job ({j['rounds']} rounds, scans, secondary measure) | {j['seconds']:.1f} | "
+        f"| whole `ibau.unlearn` job ({j['rounds']} round(s), scans, secondary measure) | {j['seconds']:.1f} | "
         f"{j['epochs']:.1f} | <= 120 s |",
         "", "| cost | value | goal |", "|---|---|---|",
         f"| one training step (median) | {tr['step_seconds_median']:.3f} s | |",
