@@ -352,10 +352,11 @@ def report(args) -> None:
                   "Default recipe and rounds, seed 0, 2,500 clean images (the scan uses the 2,250 left after the "
                   "10% hold-out); ACC / ASR on the zoo's 500 held-out images. Where the recovery stamped the "
                   "scan's reversed trigger, \"clean\" after is weak evidence: the recovery unlearned exactly what "
-                  "the scan finds (`python benchmarks/scan_zoo.py unlearn --only MODEL ...`).", "",
-                  "| model | ACC / ASR before (%) | scan before | classes stamped in recovery | ACC / ASR after (%) | "
-                  "scan after |",
-                  "|---|---|---|---|---|---|"]
+                  "the scan finds (`python benchmarks/scan_zoo.py unlearn --only MODEL ...`). The files committed now "
+                  "were measured with BF25R3AFDX on the second machine (an AMD EPYC), the scans above on the first.", "",
+                  "| model | ACC / ASR before (%) | scan before | classes stamped in recovery | rounds | "
+                  "ACC / ASR after (%) | scan after |",
+                  "|---|---|---|---|---|---|---|"]
         for r in after:
             def cell(sc):
                 v = f"backdoor -> {sc['target_classes']}" if sc["backdoored"] else "clean"
@@ -363,7 +364,8 @@ def report(args) -> None:
             b, a = r["before"], r["after"]
             stamped = r.get("reversed_classes", "not recorded")
             lines.append(f"| {r['model']} | {100 * b['acc']:.1f} / {100 * b['asr']:.1f} | {cell(r['scan_before'])} | "
-                         f"{stamped} | {100 * a['acc']:.1f} / {100 * a['asr']:.1f} | {cell(r['scan_after'])} |")
+                         f"{stamped} | {r['rounds']} | {100 * a['acc']:.1f} / {100 * a['asr']:.1f} | "
+                         f"{cell(r['scan_after'])} |")
     bf16 = _load_dir(_results("bf16"))
     lines += _compare(records, bf16, "float32", "bfloat16", "## bfloat16 autocast against float32 (issue 15)",
                       "`precision=\"bf16\"` (`python benchmarks/scan_zoo.py scan --precision bf16`, JSON in "
