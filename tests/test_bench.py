@@ -346,6 +346,10 @@ def test_a_cell_with_many_axes_gets_a_result_file_name_the_file_system_accepts(t
     names = [c.filename for c in cells]
     assert names[0] != names[1] and all(len(n) + 14 <= 255 for n in names)  # 14: the atomic write's "." and ".XXXXXXXX.tmp"
     assert names[0].startswith(cells[0].label[:MAX_LABEL] + "-")
+    assert all(len(c.error_filename) + 14 <= 255 for c in cells)  # a failure's record fits too
     record = {**cells[0].as_dict(), "status": "ok", "result": {}, "wall_seconds": 0.0}
     assert write_record(tmp_path, record)["status"] == "ok"
     assert finished(tmp_path, cells[0]) and not finished(tmp_path, cells[1])
+    failed = {**cells[1].as_dict(), "status": "error", "error": "boom", "wall_seconds": 0.0}
+    assert write_record(tmp_path, failed)["status"] == "error"
+    assert (tmp_path / "exp" / cells[1].error_filename).exists() and not finished(tmp_path, cells[1])

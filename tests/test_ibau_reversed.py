@@ -367,6 +367,9 @@ def test_flagged_mass_moves_each_flagged_class_to_the_label_on_rows_of_other_lab
             else:
                 assert out[i, c] == p[i, c]
     assert torch.equal(move_flagged_mass(p, y, []), p)
+    # a process's empty share of a batch holds its (empty) hard labels, not soft rows: left as given
+    empty = torch.zeros(0, dtype=torch.long)
+    assert move_flagged_mass(empty, empty, [1, 3]) is empty
 
 
 def test_flagged_mass_changes_the_teacher_only_where_a_class_was_flagged(monkeypatch):
@@ -440,6 +443,29 @@ def test_recovery_target_auto_fits_the_teacher_where_a_class_was_flagged_and_the
     assert any(not torch.equal(none["auto"][k], none["outer"][k]) for k in none["auto"])
 
 
+def test_the_default_recovery_fits_the_moved_teacher_and_round_two_records_its_amplification(monkeypatch):
+    x, y = _data()
+    fitted = []
+    original = IBAU.recovery_batch
+
+    def recovery_batch(self, setup, batch, labels=None):
+        out = original(self, setup, batch, labels)
+        fitted.append((out.y, labels))
+        return out
+
+    monkeypatch.setattr(IBAU, "recovery_batch", recovery_batch)
+    res = IBAU(rounds=2, batch_size=20, norm_bound=2.0, seed=1, progress=False, precision="fp32", fp_batch=None,
+               reversed_fraction=0.3, reversed_triggers={1: _triggers()[1]}, amplify_steps=5,
+               stop_unmoved=False).fit(_vgg(), x, y)
+    assert fitted and all(t.dim() == 2 for t, _ in fitted)  # the (soft) teacher, a class being flagged
+    for t, labels in fitted:  # without class 1's probability on the images of other labels
+        assert all(float(t[r, 1]) == 0.0 for r in range(len(labels)) if int(labels[r]) != 1)
+        torch.testing.assert_close(t.sum(1), torch.ones(len(t)))
+    rounds = [h for h in res.history if h.get("round")]
+    assert len(rounds) == 2 and all("amplify_margin" in h and h["seconds_amplify"] >= 0 for h in rounds)
+    assert all("amplify_margins" not in h for h in res.history)
+
+
 def test_stop_unmoved_ends_the_run_before_a_round_whose_amplified_triggers_move_nothing(monkeypatch):
     margins = {}
 
@@ -449,16 +475,20 @@ def test_stop_unmoved_ends_the_run_before_a_round_whose_amplified_triggers_move_
 
     monkeypatch.setattr(IBAU, "amplify", amplify)
 
+    seconds = {}
+
     def run(m, triggers=None, **settings):
         margins["value"] = m
         x, y = _data()
         res = IBAU(rounds=3, batch_size=20, norm_bound=2.0, seed=1, progress=False, precision="fp32", fp_batch=None,
                    reversed_fraction=0.3, reversed_triggers=triggers or {1: _triggers()[1]}, amplify_steps=5,
                    **{"stop_unmoved": True, **settings}).fit(_vgg(), x, y)
+        seconds.update({"run": res.seconds, "last point": res.history[-1]["elapsed"]})
         return [h["round"] for h in res.history if h.get("round")], res.stop_reason
 
     done, reason = run([-1.0])  # round 1 always runs; before round 2 nothing moves the model: the end
     assert done == [1] and reason.startswith("stopped before round 2") and "-1.00" in reason
+    assert seconds["run"] > seconds["last point"]  # the check that stopped it is the run's work too
     assert run([0.5]) == ([1, 2, 3], "completed 3 rounds")  # the trigger still moves it: on
     assert run([-1.0], stop_unmoved=False)[0] == [1, 2, 3]  # the rule off
     assert run([-1.0], triggers=_triggers())[0] == [1, 2, 3]  # one of two triggers not amplified: no evidence

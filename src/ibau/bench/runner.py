@@ -125,7 +125,7 @@ def write_record(results: Path, record: dict[str, Any]) -> dict[str, Any]:
 
     cell = Cell(record["experiment"], record["params"], key=record["key"], label=record["label"])
     path = cell_path(Path(results), cell)
-    err = path.with_name(path.name[: -len(".json")] + ".error.json")
+    err = path.with_name(cell.error_filename)
     if record["status"] != "ok":
         write_json(record, err, force=True)
         return {"key": cell.key, "label": cell.label, "status": "error", "error": record["error"]}

@@ -171,6 +171,7 @@ class UniversalPerturbation(Defense):
             stop = self.before_round(r, setup)
             if stop:
                 run.reason = stop
+                run.trace.end = run.trace.elapsed()  # the check's own work counts in the run's seconds
                 break
             numbers, first_phase = self.round(r, setup, run.extras)
             seconds = time.perf_counter() - t0

@@ -81,6 +81,7 @@ class Trace:
         self.stop_reason = ""
         self._start = time.perf_counter()
         self._excluded = 0.0
+        self.end: float | None = None  # seconds of work at the end, when work followed the last point
 
     def elapsed(self) -> float:
         """Seconds since the start, minus the time spent in ``evaluate``."""
@@ -132,7 +133,10 @@ class Trace:
         return _Run()
 
     def result(self, model: nn.Module, extras: dict[str, Any] | None = None, default_reason: str = "") -> DefenseResult:
-        seconds = self.history[-1]["elapsed"] if self.history and self.history[-1]["point"] != "before" else self.elapsed()
+        if self.end is not None:  # the run ended on work after its last point (e.g. a check that stopped it)
+            seconds = self.end
+        else:
+            seconds = self.history[-1]["elapsed"] if self.history and self.history[-1]["point"] != "before" else self.elapsed()
         return DefenseResult(model=model, history=self.history, seconds=seconds, extras=extras or {},
                              stop_reason=self.stop_reason or default_reason)
 
