@@ -237,12 +237,12 @@ def unlearn(
 
     def keep_best(result) -> None:
         history = [h for h in result.history if h.get("round", 0) > 0]
-        if rounds == "auto" and result.stop_reason.startswith("completed"):
+        if not result.stop_reason.startswith("completed"):
+            stop_reason = result.stop_reason  # a stop before the last round says why
+        elif rounds == "auto":
             stop_reason = f"reached max_rounds={max_rounds}"
-        elif rounds != "auto" and result.stop_reason.startswith("completed"):
-            stop_reason = f"ran the requested {rounds} round(s)"
         else:
-            stop_reason = result.stop_reason
+            stop_reason = f"ran the requested {rounds} round(s)"
         kept_round = len(history)
         if rounds == "auto" and history:
             if kept["round"] is not None and kept["round"] != history[-1]["round"]:

@@ -116,9 +116,9 @@ class Cell:
 
     @property
     def error_filename(self) -> str:
-        """``LABEL-KEY.error.json``, the record of a failed cell: its label cut 6 characters shorter
-        than :attr:`filename`'s (".error.json" is 6 longer than ".json"), so that it fits too."""
-        return f"{self.label[:MAX_LABEL - 6]}-{self.key}.error.json"
+        """``LABEL-KEY.error.json``, the record of a failed cell: its label cut as many characters
+        shorter than :attr:`filename`'s as ".error.json" is longer than ".json", so that it fits too."""
+        return f"{self.label[:MAX_LABEL - len('.error.json') + len('.json')]}-{self.key}.error.json"
 
     def as_dict(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "key": self.key, "label": self.label, "params": self.params}

@@ -165,7 +165,7 @@ def ibau_options(p) -> None:
         elif name == "fp_batch":
             kind, shown = INT, f"{default} images of the first batch" if default else "the whole first batch"
         else:
-            kind = str if name in choices else (INT if isinstance(default, int) and not isinstance(default, bool) else FLOAT)
+            kind = str if name in choices else (INT if isinstance(default, int) else FLOAT)
             shown = default
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, choices=choices.get(name),
                        metavar=None if name in choices else "yes|no" if isinstance(default, bool) else name.upper(),

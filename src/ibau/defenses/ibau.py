@@ -375,10 +375,10 @@ class IBAU(UniversalPerturbation):
             targets in 10/18 and 13/18 cells against 12/18 and 12/18 with the plain scan, so the
             default scan does not weigh total variation.
         recovery_target: what the recovery passes fit: ``"auto"`` (default), the outer loss's
-            targets when the scan flagged a class (there are stamps: ``reversed_fraction`` > 0) (with ``flagged_mass="label"``, the teacher
-            without the flagged classes' excess) and the clean labels when it flagged none (the
-            teacher then may carry a backdoor nobody found: the labels removed WaNet's where the
-            teacher kept it); ``"labels"``, the clean labels whatever the outer loss fits (the
+            targets when the scan flagged a class (so only with stamps: ``reversed_fraction`` > 0;
+            with ``flagged_mass="label"``, the teacher without the flagged classes' excess) and the
+            clean labels when it flagged none (the teacher then may carry a backdoor nobody found:
+            the labels removed WaNet's where the teacher kept it); ``"labels"``, the clean labels whatever the outer loss fits (the
             default from BF25R3AFR to BF25R3AFDX); ``"outer"``, the outer loss's targets (with
             ``outer_target="teacher"`` the soft predictions of the model before unlearning; the
             default until BF25R3AF); or ``"argmax"``, their top class only.
@@ -406,15 +406,15 @@ class IBAU(UniversalPerturbation):
             ``ablation_trained_afrs.toml``): ``ibau demo`` seeds 0-4 lost at most 1.3 points against
             up to 5.1 without, but the CIFAR-10 and CPU-trained cells met the targets in 6 of 16
             against 10 (CIFAR-10 BadNets 38.5% ASR at 2,500 images): not the default.
-        flagged_mass: where the teacher (``outer_target="teacher"``: the soft predictions of the model
-            before unlearning, which the outer steps fit, and the recovery with ``recovery_target="outer"``,
-            or ``"auto"`` where a class was flagged)
-            puts its probability of a class the scan flagged (the classes of the reversed triggers) on
-            images labelled with another class: ``"label"`` (default): moved to the image's label
+        flagged_mass: where the teacher (``outer_target="teacher"``: the soft predictions of the
+            model before unlearning, which the outer steps fit, and the recovery with
+            ``recovery_target="outer"``, or ``"auto"`` where a class was flagged) puts its probability
+            of a class the scan flagged (the classes of the reversed triggers) on images labelled
+            with another class: ``"label"`` (default): moved to the image's label
             (:func:`move_flagged_mass`); ``"keep"``: where the model put it (the recipes before
-            BF25R3AFD). A backdoored model gives
-            its target more probability on clean images than they deserve, and fitting it teaches that
-            bias back; the other classes' soft probabilities stay. Nothing changes where nothing was
+            BF25R3AFD). A backdoored model gives its target more probability on clean images than
+            they deserve, and fitting it teaches that bias back; the other classes' soft
+            probabilities stay. Nothing changes where nothing was
             flagged, where nothing is stamped (``reversed_fraction`` 0 or no recovery passes: no scan,
             nothing flagged) or without a teacher.
         stamp_classes: which recovery images a class's reversed trigger is stamped on: ``"others"``
