@@ -68,6 +68,7 @@ class Setup:
     pseudo: list[Tensor] | None = None  # I-BAU: per batch, the top class of the model as prepared (round 1's inner pass)
     labels: list[Tensor] | None = None  # I-BAU: per batch, the clean labels where ``batches`` hold soft targets
     amplified: dict | None = None  # I-BAU: the numbers of this round's amplification (IBAU.before_round)
+    clean_accuracy: float | None = None  # I-BAU (guard_drop): accuracy on the clean set's labels before round 1
 
 
 class UniversalPerturbation(Defense):

@@ -9,6 +9,7 @@ are the identity, so the same lines serve both.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -41,7 +42,7 @@ PAPER_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, recovery_min_steps=0,
     batch_size=100, perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32", inner_precision=None,
     reversed_fraction=0.0, reversed_scan={}, recovery_target="outer", amplify_steps=0, recovery_smoothing=0.0,
-    flagged_mass="keep", stamp_classes="all", stop_unmoved=False)
+    flagged_mass="keep", stamp_classes="all", stop_unmoved=False, guard_drop=None, guard_retries=2)
 
 #: the scan the default recipe runs for its stamps: :class:`ibau.scanning.MaskScan` as ``ibau scan`` runs
 #: it (the same triggers and flags), without the per-class success rates of the report, which the stamps
@@ -67,13 +68,17 @@ DEFAULT_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="teacher", recovery_passes=3, recovery_min_steps=75,
     batch_size=100, perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
     reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="auto", amplify_steps=50,
-    recovery_smoothing=0.0, flagged_mass="label", stamp_classes="others", stop_unmoved=True)
+    recovery_smoothing=0.0, flagged_mass="label", stamp_classes="others", stop_unmoved=True, guard_drop=None,
+    guard_retries=2)
 
 #: How the stamps are amplified (``amplify_steps`` > 0): the region is the scan's mask where it
 #: exceeds ``mask_share`` of its largest value, dilated by ``dilation`` pixels; regions that cover
 #: more than ``max_area`` of the image (blends, warps) keep the scan's trigger; the pattern is
 #: optimised with Adam at ``lr`` over its logits (read-only)
 AMPLIFY: Mapping[str, float] = MappingProxyType({"mask_share": 0.05, "dilation": 1, "max_area": 0.25, "lr": 0.1})
+
+#: what ``guard_drop`` divides the outer optimiser's step size by when it re-runs a round
+GUARD_BACKOFF = 3.0
 
 #: the most passes ``recovery_min_steps`` asks for: 8, what was measured (1,000 images in batches of 100);
 #: smaller clean sets, of fewer than 10 batches, make fewer than 75 recovery steps a round
@@ -497,6 +502,8 @@ class IBAU(UniversalPerturbation):
         flagged_mass: str = "label",
         stamp_classes: str = "others",
         stop_unmoved: bool = True,
+        guard_drop: float | None = None,
+        guard_retries: int = 2,
         distributed: bool | None = None,
         progress: bool = True,
     ):
@@ -528,6 +535,8 @@ class IBAU(UniversalPerturbation):
         self.flagged_mass = check_choice("flagged_mass", flagged_mass, FLAGGED_MASS)
         self.stamp_classes = check_choice("stamp_classes", stamp_classes, STAMP_CLASSES)
         self.stop_unmoved = check_choice("stop_unmoved", stop_unmoved, (True, False))
+        self.guard_drop = check_number("guard_drop", guard_drop, low=0, high=1, allow_none=True)
+        self.guard_retries = check_int("guard_retries", guard_retries, low=0)
         self.distributed = check_choice("distributed", distributed, (True, False, None))
 
     @classmethod
@@ -675,6 +684,11 @@ class IBAU(UniversalPerturbation):
                              for b, z in zip(setup.batches, logits)]
             setup.pseudo = [z.argmax(1) if z is not None else torch.zeros(0, dtype=torch.long, device=b.x.device)
                             for b, z in zip(setup.batches, logits)]
+            if self.guard_drop is not None:
+                correct = sum(int((p == y).sum()) for p, y in zip(setup.pseudo, setup.labels))
+                setup.clean_accuracy = setup.comm.sum_float(correct, setup.batches[0].x.device) / sum(b.size for b in setup.batches)
+        if self.guard_drop is not None and setup.clean_accuracy is None:
+            setup.clean_accuracy = self.clean_accuracy(setup)
         setup.first = setup.batches[0]
         if self.fp_batch is not None and self.fp_batch < setup.batches[0].size:
             # the fixed-point map on the first fp_batch images of the (global) first batch
@@ -693,8 +707,52 @@ class IBAU(UniversalPerturbation):
         view = fold_batchnorm(net, channels_last=device.type == "cpu") if self.fold_bn else net
         return with_precision(view, device, self.precision)
 
+    def clean_accuracy(self, setup: Setup) -> float:
+        """The model's accuracy on the clean set's labels, as it computes (``setup.net``)."""
+        labels = setup.labels or [b.y for b in setup.batches]
+        correct = 0
+        with torch.no_grad():
+            for b, y in zip(setup.batches, labels):
+                if len(b.x):
+                    correct += int((setup.net(b.x).argmax(1) == y).sum())
+        return setup.comm.sum_float(correct, setup.batches[0].x.device) / sum(b.size for b in setup.batches)
+
     def round(self, r: int, setup: Setup, extras: dict[str, Any]) -> tuple[dict[str, Any], float]:
-        """One round of Algorithm 1: the inner maximisation, then one outer step per batch."""
+        """One round of Algorithm 1 (:meth:`unlearn_round`), guarded by ``guard_drop``: a round
+        after which the model's accuracy on the clean set's labels is more than ``guard_drop``
+        below its accuracy before round 1 is undone (weights and optimiser state) and run again
+        with the outer optimiser's step size divided by :data:`GUARD_BACKOFF`, at most
+        ``guard_retries`` times; the lowered step size stays for the later rounds. The round's
+        numbers add ``clean_accuracy``, ``outer_lr`` (the step size it ran with) and ``guard_retries``
+        (its re-runs), and ``guard_exceeded`` when the last re-run still lost more."""
+        if self.guard_drop is None:
+            return self.unlearn_round(r, setup, extras)
+        weights = [p.detach().clone() for p in setup.params]
+        state, amplified = copy.deepcopy(setup.optimizer.state_dict()), setup.amplified
+        retry = 0
+        while True:
+            numbers, t_inner = self.unlearn_round(r, setup, extras)
+            accuracy = self.clean_accuracy(setup)
+            lost = setup.clean_accuracy - accuracy
+            if not lost > self.guard_drop or retry == self.guard_retries:
+                break
+            lr = setup.optimizer.param_groups[0]["lr"] / GUARD_BACKOFF
+            with torch.no_grad():
+                for p, w in zip(setup.params, weights):
+                    p.copy_(w)
+            setup.optimizer.load_state_dict(copy.deepcopy(state))
+            for group in setup.optimizer.param_groups:
+                group["lr"] = lr
+            setup.amplified = amplified
+            retry += 1
+        numbers.update(clean_accuracy=accuracy, outer_lr=setup.optimizer.param_groups[0]["lr"], guard_retries=retry)
+        if lost > self.guard_drop:
+            numbers["guard_exceeded"] = True
+        return numbers, t_inner
+
+    def unlearn_round(self, r: int, setup: Setup, extras: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """One round of Algorithm 1: the inner maximisation, then one outer step per batch
+        (then the recovery passes)."""
         from tqdm.auto import tqdm
 
         amplified, setup.amplified = setup.amplified or {}, None
