@@ -253,6 +253,11 @@ def unlearn(
                 outcome["warnings"].append(
                     f"every round lost more than {100 * max_accuracy_drop:g} points of held-out accuracy; "
                     f"the last round (round {kept_round}) is kept")
+        for h in history:  # IBAU's accuracy guard (guard_drop) re-ran the round and it still cost too much
+            if h.get("guard_exceeded"):
+                outcome["warnings"].append(
+                    f"round {h['round']} lost more than {100 * defense.guard_drop:g} points of clean-set accuracy "
+                    f"after {h['guard_retries']} re-run(s) with a smaller step (outer_lr {h['outer_lr']:.2g})")
         outcome.update(history=history, stop_reason=stop_reason, kept_round=kept_round)
 
     run = run_measured(defense, model, x, y, holdout=holdout, seed=seed, split=(clean_idx, hold_idx), extra=extra,

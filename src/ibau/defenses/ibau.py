@@ -79,6 +79,9 @@ AMPLIFY: Mapping[str, float] = MappingProxyType({"mask_share": 0.05, "dilation":
 
 #: what ``guard_drop`` divides the outer optimiser's step size by when it re-runs a round
 GUARD_BACKOFF = 3.0
+#: the clean images ``guard_drop`` measures accuracy on: the first batches holding at least this many (all
+#: of a smaller clean set); one forward pass over them a round, a sixth of an epoch's forward passes at 4,500
+GUARD_IMAGES = 1000
 
 #: the most passes ``recovery_min_steps`` asks for: 8, what was measured (1,000 images in batches of 100);
 #: smaller clean sets, of fewer than 10 batches, make fewer than 75 recovery steps a round
@@ -437,6 +440,14 @@ class IBAU(UniversalPerturbation):
             weak narrow PreActResNet-18 with Trojan SQ (scan zoo, 50% accurate) round 1 lost 20 points
             of accuracy and the run stopped there (32.8%), where a second round gave most of it back
             (43.2%).
+        guard_drop: the accuracy guard: the most a round may cost of the model's accuracy on the clean
+            set's labels, as a fraction (0.05: 5 points), against its accuracy before round 1; a round
+            that costs more is undone (weights and optimiser state) and run again with the outer
+            optimiser's step size divided by :data:`GUARD_BACKOFF` (3), which then stays for the later
+            rounds; ``None``: no guard (the paper). The re-runs count in the round's seconds; the
+            accuracy is measured on the first :data:`GUARD_IMAGES` clean images. See :meth:`round`.
+        guard_retries: the most re-runs of one round the guard makes; after the last the round is kept
+            and its record says ``guard_exceeded`` (``ibau.unlearn`` warns).
         distributed: data parallelism over the processes of a ``torch.distributed``
             group (e.g. launched with ``torchrun``; :mod:`ibau.distributed`): ``None``
             (default) uses it when a group of several processes is initialised,
@@ -685,8 +696,7 @@ class IBAU(UniversalPerturbation):
             setup.pseudo = [z.argmax(1) if z is not None else torch.zeros(0, dtype=torch.long, device=b.x.device)
                             for b, z in zip(setup.batches, logits)]
             if self.guard_drop is not None:
-                correct = sum(int((p == y).sum()) for p, y in zip(setup.pseudo, setup.labels))
-                setup.clean_accuracy = setup.comm.sum_float(correct, setup.batches[0].x.device) / sum(b.size for b in setup.batches)
+                setup.clean_accuracy = self.clean_accuracy(setup, setup.pseudo)
         if self.guard_drop is not None and setup.clean_accuracy is None:
             setup.clean_accuracy = self.clean_accuracy(setup)
         setup.first = setup.batches[0]
@@ -707,24 +717,29 @@ class IBAU(UniversalPerturbation):
         view = fold_batchnorm(net, channels_last=device.type == "cpu") if self.fold_bn else net
         return with_precision(view, device, self.precision)
 
-    def clean_accuracy(self, setup: Setup) -> float:
-        """The model's accuracy on the clean set's labels, as it computes (``setup.net``)."""
-        labels = setup.labels or [b.y for b in setup.batches]
+    def clean_accuracy(self, setup: Setup, predictions: Sequence[Tensor] | None = None) -> float:
+        """The model's accuracy (as it computes: ``setup.net``) on the labels of the first clean
+        batches holding :data:`GUARD_IMAGES` images (``guard_drop``); ``predictions``: its top
+        classes on every batch when the caller has them."""
+        n = min(len(setup.batches), math.ceil(GUARD_IMAGES / self.batch_size))
+        labels = (setup.labels or [b.y for b in setup.batches])[:n]
         correct = 0
         with torch.no_grad():
-            for b, y in zip(setup.batches, labels):
+            for i, (b, y) in enumerate(zip(setup.batches[:n], labels)):
                 if len(b.x):
-                    correct += int((setup.net(b.x).argmax(1) == y).sum())
-        return setup.comm.sum_float(correct, setup.batches[0].x.device) / sum(b.size for b in setup.batches)
+                    top = predictions[i] if predictions is not None else setup.net(b.x).argmax(1)
+                    correct += int((top == y).sum())
+        return setup.comm.sum_float(correct, setup.batches[0].x.device) / sum(b.size for b in setup.batches[:n])
 
     def round(self, r: int, setup: Setup, extras: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """One round of Algorithm 1 (:meth:`unlearn_round`), guarded by ``guard_drop``: a round
-        after which the model's accuracy on the clean set's labels is more than ``guard_drop``
-        below its accuracy before round 1 is undone (weights and optimiser state) and run again
+        after which the model's accuracy on the clean set's labels (:meth:`clean_accuracy`) is more
+        than ``guard_drop`` below its accuracy before round 1 is undone (weights and optimiser state) and run again
         with the outer optimiser's step size divided by :data:`GUARD_BACKOFF`, at most
         ``guard_retries`` times; the lowered step size stays for the later rounds. The round's
-        numbers add ``clean_accuracy``, ``outer_lr`` (the step size it ran with) and ``guard_retries``
-        (its re-runs), and ``guard_exceeded`` when the last re-run still lost more."""
+        numbers add ``clean_accuracy`` (``clean_accuracy_before``: at round 1's start), ``outer_lr``
+        (the step size it ran with) and ``guard_retries`` (its re-runs), and ``guard_exceeded`` when
+        the last re-run still lost more."""
         if self.guard_drop is None:
             return self.unlearn_round(r, setup, extras)
         weights = [p.detach().clone() for p in setup.params]
@@ -745,7 +760,8 @@ class IBAU(UniversalPerturbation):
                 group["lr"] = lr
             setup.amplified = amplified
             retry += 1
-        numbers.update(clean_accuracy=accuracy, outer_lr=setup.optimizer.param_groups[0]["lr"], guard_retries=retry)
+        numbers.update(clean_accuracy_before=setup.clean_accuracy, clean_accuracy=accuracy,
+                       outer_lr=setup.optimizer.param_groups[0]["lr"], guard_retries=retry)
         if lost > self.guard_drop:
             numbers["guard_exceeded"] = True
         return numbers, t_inner
