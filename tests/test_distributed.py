@@ -79,10 +79,13 @@ def _stamps() -> dict:
 #: the fits compared between two processes and one: each solver, the fixed-point map on a subset of the
 #: first batch whose rows the two processes split differently from the batch's (issue 15), and recovery
 #: passes that stamp reversed triggers on images drawn for the global batch, amplified first from the
-#: processes' summed gradients (issue 13)
+#: processes' summed gradients, and the accuracy guard's clean-set accuracy (issue 13)
 VARIANTS = {"fixed_point": {}, "cg": {}, "fixed_point+fp_batch": {"fp_batch": 7},
             "fixed_point+reversed": {"reversed_fraction": 0.3, "reversed_triggers": _stamps()},
-            "fixed_point+amplified": {"reversed_fraction": 0.3, "reversed_triggers": _stamps(), "amplify_steps": 5}}
+            "fixed_point+amplified": {"reversed_fraction": 0.3, "reversed_triggers": _stamps(), "amplify_steps": 5},
+            # the accuracy guard's counts summed over the processes (a limit no round reaches: a re-run decided by
+            # one image's rounding would make the comparison flaky)
+            "fixed_point+guard": {"guard_drop": 1.0}}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -134,6 +137,10 @@ def test_one_ibau_round_over_two_processes_equals_one_process(two_ranks, solver,
         _close(got["state"], model.state_dict(), atol=1e-5)
         assert got["history"]["outer_loss"] == pytest.approx(single.history[-1]["outer_loss"], rel=1e-5)
         assert got["history"]["inner_loss"] == pytest.approx(single.history[-1]["inner_loss"], rel=1e-5)
+        for key in ("clean_accuracy", "clean_accuracy_before"):  # within one image's rounding
+            assert (key in got["history"]) == (key in single.history[-1])
+            if key in got["history"]:
+                assert got["history"][key] == pytest.approx(single.history[-1][key], abs=1.5 / len(x))
     # the round did change the model (the comparison above is not trivially true)
     moved = max(float((model.state_dict()[k].float() - before[k].float()).abs().max()) for k in before)
     assert moved > 1e-3

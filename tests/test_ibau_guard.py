@@ -81,6 +81,8 @@ def test_a_round_that_costs_too_much_is_undone_and_run_again_with_a_smaller_step
     assert (r1["guard_retries"], r2["guard_retries"]) == (1, 0)
     assert r1["outer_lr"] == r2["outer_lr"] == 3e-3 / GUARD_BACKOFF
     assert "guard_exceeded" not in r1 and "guard_exceeded" not in r2
+    before = r1["clean_accuracy_before"]
+    assert r1["guard_accuracies"] == pytest.approx([before - 0.5, before - 0.02]) and "guard_accuracies" not in r2
 
 
 def test_the_guard_stops_retrying_after_guard_retries_and_says_so(monkeypatch):
@@ -125,7 +127,9 @@ def test_guard_settings_are_checked(bad):
         IBAU(**bad)
 
 
-def test_unlearn_warns_when_the_guard_could_not_keep_the_accuracy(monkeypatch):
+def test_unlearn_warns_when_the_guard_could_not_keep_the_accuracy(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    from ibau.report import write_report_dir
     from ibau.unlearn import unlearn
 
     measure = IBAU.clean_accuracy
@@ -139,3 +143,5 @@ def test_unlearn_warns_when_the_guard_could_not_keep_the_accuracy(monkeypatch):
     assert h["guard_retries"] == 1 and h["guard_exceeded"]
     assert any("round 1 lost more than 5 points of clean-set accuracy after 1 re-run(s)" in w
                for w in res.report["warnings"])
+    md = (write_report_dir(tmp_path / "r", res.report, res.artifacts) / "report.md").read_text()
+    assert "Round 1 was run again 1 time(s) with a smaller outer step" in md and "5 points of clean-set" in md

@@ -224,6 +224,15 @@ def render(folder: str | os.PathLike) -> Path:
         md.append(f"| {h['round']} | {_pct(h.get('holdout_accuracy', float('nan')))} | "
                   f"{_pct(us) if us is not None else '-'} | {h['delta_norm']:.2f} | {h['outer_loss']:.3f} | "
                   f"{h['seconds']:.1f} |")
+    limit = report.get("config", {}).get("guard_drop")
+    for h in hist:  # IBAU's accuracy guard re-ran a round that cost too much clean-set accuracy
+        if h.get("guard_retries"):
+            runs = ", ".join(_pct(a) for a in h.get("guard_accuracies", []))
+            md += ["", f"Round {h['round']} was run again {h['guard_retries']} time(s) with a smaller outer step "
+                   f"(outer_lr {h['outer_lr']:.2g}): it cost more than "
+                   f"{f'{100 * limit:g} points of' if limit is not None else 'the allowed'} clean-set accuracy "
+                   f"(the accuracy guard, `guard_drop`; {_pct(h['clean_accuracy_before'])} before round 1, "
+                   f"{runs} after each run)."]
     (folder / "report.md").write_text("\n".join(md) + "\n")
     return folder / "report.md"
 

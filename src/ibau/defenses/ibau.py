@@ -738,16 +738,18 @@ class IBAU(UniversalPerturbation):
         with the outer optimiser's step size divided by :data:`GUARD_BACKOFF`, at most
         ``guard_retries`` times; the lowered step size stays for the later rounds. The round's
         numbers add ``clean_accuracy`` (``clean_accuracy_before``: at round 1's start), ``outer_lr``
-        (the step size it ran with) and ``guard_retries`` (its re-runs), and ``guard_exceeded`` when
-        the last re-run still lost more."""
+        (the step size it ran with) and ``guard_retries`` (its re-runs); after a re-run,
+        ``guard_accuracies`` (the clean accuracy after each run of the round), and ``guard_exceeded``
+        when the last one still lost more."""
         if self.guard_drop is None:
             return self.unlearn_round(r, setup, extras)
         weights = [p.detach().clone() for p in setup.params]
         state, amplified = copy.deepcopy(setup.optimizer.state_dict()), setup.amplified
-        retry = 0
+        retry, accuracies = 0, []
         while True:
             numbers, t_inner = self.unlearn_round(r, setup, extras)
             accuracy = self.clean_accuracy(setup)
+            accuracies.append(accuracy)
             lost = setup.clean_accuracy - accuracy
             if not lost > self.guard_drop or retry == self.guard_retries:
                 break
@@ -762,6 +764,8 @@ class IBAU(UniversalPerturbation):
             retry += 1
         numbers.update(clean_accuracy_before=setup.clean_accuracy, clean_accuracy=accuracy,
                        outer_lr=setup.optimizer.param_groups[0]["lr"], guard_retries=retry)
+        if retry:
+            numbers["guard_accuracies"] = accuracies
         if lost > self.guard_drop:
             numbers["guard_exceeded"] = True
         return numbers, t_inner
