@@ -145,7 +145,7 @@ class UniversalPerturbation(Defense):
         net = self.wrap(run.model)
         net.eval()
         # Parameters are taken from the model itself: a folded view shares them.
-        params = [p for p in net.parameters() if p.requires_grad]
+        params = self.trainable(net)
         net = self.compute_view(net, device)
         if not params:
             raise InputError("the model has no parameters that require grad")
@@ -158,6 +158,11 @@ class UniversalPerturbation(Defense):
         comm.broadcast_(params)  # every process starts from rank 0's weights
         batches = self.clean_batches(run.x, run.y, device, dtype, comm)
         return Setup(net, params, batches, optimizer, generator, comm)
+
+    def trainable(self, net: nn.Module) -> list[Tensor]:
+        """The parameters the method updates: every one that requires grad (I-BAU may leave
+        BatchNorm's out)."""
+        return [p for p in net.parameters() if p.requires_grad]
 
     def compute_view(self, net: nn.Module, device: torch.device) -> nn.Module:
         """The module the method computes with (default: ``net``; I-BAU folds BatchNorm)."""

@@ -42,7 +42,8 @@ PAPER_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, recovery_min_steps=0,
     batch_size=100, perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32", inner_precision=None,
     reversed_fraction=0.0, reversed_scan={}, recovery_target="outer", amplify_steps=0, recovery_smoothing=0.0,
-    flagged_mass="keep", stamp_classes="all", stop_unmoved=False, guard_drop=None, guard_retries=2)
+    flagged_mass="keep", stamp_classes="all", stop_unmoved=False, guard_drop=None, guard_retries=2,
+    freeze_batchnorm=False)
 
 #: the scan the default recipe runs for its stamps: :class:`ibau.scanning.MaskScan` as ``ibau scan`` runs
 #: it (the same triggers and flags), without the per-class success rates of the report, which the stamps
@@ -70,7 +71,7 @@ DEFAULT_SETTINGS: dict[str, Any] = dict(
     batch_size=100, perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
     reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="auto", amplify_steps=50,
     recovery_smoothing=0.0, flagged_mass="label", stamp_classes="others", stop_unmoved=True, guard_drop=0.05,
-    guard_retries=2)
+    guard_retries=2, freeze_batchnorm=False)
 
 #: How the stamps are amplified (``amplify_steps`` > 0): the region is the scan's mask where it
 #: exceeds ``mask_share`` of its largest value, dilated by ``dilation`` pixels; regions that cover
@@ -461,6 +462,10 @@ class IBAU(UniversalPerturbation):
             accuracy is measured on the first :data:`GUARD_IMAGES` clean images. See :meth:`round`.
         guard_retries: the most re-runs of one round the guard makes; after the last the round is kept
             and its record says ``guard_exceeded`` (``ibau.unlearn`` warns).
+        freeze_batchnorm: leave the BatchNorm layers' scales and shifts as they are (only the other
+            parameters are updated; their running statistics are frozen in any case). A clean set
+            that differs from the model's training images (JPEG copies) otherwise moves them
+            towards its own statistics.
         distributed: data parallelism over the processes of a ``torch.distributed``
             group (e.g. launched with ``torchrun``; :mod:`ibau.distributed`): ``None``
             (default) uses it when a group of several processes is initialised,
@@ -528,6 +533,7 @@ class IBAU(UniversalPerturbation):
         stop_unmoved: bool = True,
         guard_drop: float | None = 0.05,
         guard_retries: int = 2,
+        freeze_batchnorm: bool = False,
         distributed: bool | None = None,
         progress: bool = True,
     ):
@@ -561,6 +567,7 @@ class IBAU(UniversalPerturbation):
         self.stop_unmoved = check_choice("stop_unmoved", stop_unmoved, (True, False))
         self.guard_drop = check_number("guard_drop", guard_drop, low=0, high=1, allow_none=True)
         self.guard_retries = check_int("guard_retries", guard_retries, low=0)
+        self.freeze_batchnorm = check_choice("freeze_batchnorm", freeze_batchnorm, (True, False))
         self.distributed = check_choice("distributed", distributed, (True, False, None))
 
     @classmethod
@@ -724,6 +731,15 @@ class IBAU(UniversalPerturbation):
                     y = F.softmax(setup.net(x), 1)
             setup.first = Batch(x, y, (rows.stop - rows.start) / m, m, rows)
         return setup
+
+    def trainable(self, net: nn.Module) -> list[Tensor]:
+        """The parameters I-BAU updates: every one that requires grad, without the BatchNorm
+        layers' scales and shifts when ``freeze_batchnorm``."""
+        if not self.freeze_batchnorm:
+            return super().trainable(net)
+        frozen = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  for p in m.parameters(recurse=False)}
+        return [p for p in net.parameters() if p.requires_grad and id(p) not in frozen]
 
     def compute_view(self, net: nn.Module, device: torch.device) -> nn.Module:
         # channels-last folded weights: ~10% faster double-backward convolutions on CPU
