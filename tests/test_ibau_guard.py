@@ -53,6 +53,7 @@ def _scripted(monkeypatch, drops):
 
     def unlearn_round(self, r, setup, extras):
         calls.append({"round": r, "weights": [p.detach().clone() for p in setup.params],
+                      "draws": setup.generator.get_state(),
                       "state": len(setup.optimizer.state), "lr": setup.optimizer.param_groups[0]["lr"]})
         return original(self, r, setup, extras)
 
@@ -74,6 +75,8 @@ def test_a_round_that_costs_too_much_is_undone_and_run_again_with_a_smaller_step
     first, rerun, second = calls
     # the re-run starts from the weights and the (empty) optimiser state the round started from
     assert all(torch.equal(a, b) for a, b in zip(first["weights"], rerun["weights"]))
+    assert torch.equal(first["draws"], rerun["draws"])  # the same perturbed and stamped images
+    assert not torch.equal(rerun["draws"], second["draws"])
     assert first["state"] == rerun["state"] == 0 and second["state"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(rerun["weights"], second["weights"]))
     assert (first["lr"], rerun["lr"], second["lr"]) == (3e-3, 3e-3 / GUARD_BACKOFF, 3e-3 / GUARD_BACKOFF)
@@ -145,3 +148,22 @@ def test_unlearn_warns_when_the_guard_could_not_keep_the_accuracy(monkeypatch, t
                for w in res.report["warnings"])
     md = (write_report_dir(tmp_path / "r", res.report, res.artifacts) / "report.md").read_text()
     assert "Round 1 was run again 1 time(s) with a smaller outer step" in md and "5 points of clean-set" in md
+
+
+def test_a_round_that_leaves_non_finite_weights_is_run_again(monkeypatch):
+    original, runs = IBAU.unlearn_round, []
+
+    def unlearn_round(self, r, setup, extras):
+        out = original(self, r, setup, extras)
+        runs.append(r)
+        if len(runs) == 1:  # the first run diverges
+            with torch.no_grad():
+                setup.params[0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(IBAU, "unlearn_round", unlearn_round)
+    x, y = _data()
+    model = _vgg()
+    res = _ibau(guard_drop=1.0).fit(model, x, y)  # no accuracy is too low: only the weights decide
+    assert runs == [1, 1] and _rounds(res)[0]["guard_retries"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())

@@ -146,6 +146,7 @@ class UniversalPerturbation(Defense):
         net.eval()
         # Parameters are taken from the model itself: a folded view shares them.
         params = self.trainable(net)
+        weights = [p for p in net.parameters() if p.requires_grad]  # the trainable ones and any left as they are
         net = self.compute_view(net, device)
         if not params:
             raise InputError("the model has no parameters that require grad")
@@ -155,7 +156,7 @@ class UniversalPerturbation(Defense):
         if not comm.same_everywhere(len(run.x), device):
             raise InputError("distributed: every process must pass the same clean set "
                              "(it keeps its own shard of each batch)")
-        comm.broadcast_(params)  # every process starts from rank 0's weights
+        comm.broadcast_(weights)  # every process starts from rank 0's weights
         batches = self.clean_batches(run.x, run.y, device, dtype, comm)
         return Setup(net, params, batches, optimizer, generator, comm)
 

@@ -769,7 +769,8 @@ class IBAU(UniversalPerturbation):
     def round(self, r: int, setup: Setup, extras: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """One round of Algorithm 1 (:meth:`unlearn_round`), guarded by ``guard_drop``: a round
         after which the model's accuracy on the clean set's labels (:meth:`clean_accuracy`) is more
-        than ``guard_drop`` below its accuracy before round 1 is undone (weights and optimiser state) and run again
+        than ``guard_drop`` below its accuracy before round 1, or with non-finite weights, is undone
+        (weights, optimiser state and the draws of the perturbed and stamped images) and run again
         with the outer optimiser's step size divided by :data:`GUARD_BACKOFF`, at most
         ``guard_retries`` times; the lowered step size stays for the later rounds. The round's
         numbers add ``clean_accuracy`` (``clean_accuracy_before``: at round 1's start), ``outer_lr``
@@ -780,12 +781,15 @@ class IBAU(UniversalPerturbation):
             return self.unlearn_round(r, setup, extras)
         weights = [p.detach().clone() for p in setup.params]
         state, amplified = copy.deepcopy(setup.optimizer.state_dict()), setup.amplified
-        retry, accuracies = 0, []
+        draws = setup.generator.get_state()
+        retry, accuracies, t_first = 0, [], 0.0
         while True:
             numbers, t_inner = self.unlearn_round(r, setup, extras)
+            t_first += t_inner  # every run's inner pass counts in the round's first phase
             accuracy = self.clean_accuracy(setup)
             accuracies.append(accuracy)
-            lost = setup.clean_accuracy - accuracy
+            finite = all(bool(torch.isfinite(p).all()) for p in setup.params)
+            lost = setup.clean_accuracy - accuracy if finite else math.inf
             if not lost > self.guard_drop or retry == self.guard_retries:
                 break
             lr = setup.optimizer.param_groups[0]["lr"] / GUARD_BACKOFF
@@ -796,6 +800,7 @@ class IBAU(UniversalPerturbation):
             for group in setup.optimizer.param_groups:
                 group["lr"] = lr
             setup.amplified = amplified
+            setup.generator.set_state(draws)
             retry += 1
         numbers.update(clean_accuracy_before=setup.clean_accuracy, clean_accuracy=accuracy,
                        outer_lr=setup.optimizer.param_groups[0]["lr"], guard_retries=retry)
@@ -803,7 +808,7 @@ class IBAU(UniversalPerturbation):
             numbers["guard_accuracies"] = accuracies
         if lost > self.guard_drop:
             numbers["guard_exceeded"] = True
-        return numbers, t_inner
+        return numbers, t_first
 
     def unlearn_round(self, r: int, setup: Setup, extras: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """One round of Algorithm 1: the inner maximisation, then one outer step per batch
