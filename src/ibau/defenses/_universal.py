@@ -27,7 +27,12 @@ from ..optim import OPTIMIZERS, make_optimizer
 from ..perturbation import add, check_normalize, choose_perturbed, project_l2
 from .base import Defense, Run
 
-__all__ = ["UniversalPerturbation", "Batch", "Setup"]
+__all__ = ["UniversalPerturbation", "Batch", "Setup", "all_finite"]
+
+
+def all_finite(params: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor of ``params`` is finite."""
+    return all(math.isfinite(float(p.detach().abs().sum())) for p in params)
 
 
 class Batch(NamedTuple):
@@ -182,7 +187,7 @@ class UniversalPerturbation(Defense):
                 break
             numbers, first_phase = self.round(r, setup, run.extras)
             seconds = time.perf_counter() - t0
-            if not all(math.isfinite(float(p.detach().abs().sum())) for p in setup.params):
+            if not all_finite(setup.params):
                 raise FloatingPointError(f"{self.display_name} diverged in round {r}: non-finite weights "
                                          f"({self.divergence_hint})")
             run.point(f"round {r}", round=r, **numbers, seconds=seconds, **{self.phase_key: first_phase},

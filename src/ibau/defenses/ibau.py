@@ -28,7 +28,7 @@ from ..optim import OPTIMIZERS, make_optimizer
 from ..perturbation import choose_perturbed, perturbed_count
 from ..metrics import model_device
 from ..precision import PRECISIONS, float32_view, with_precision
-from ._universal import Batch, Setup, UniversalPerturbation
+from ._universal import Batch, Setup, UniversalPerturbation, all_finite
 
 __all__ = ["IBAU", "UniversalPerturbation", "Batch", "perturbed_count", "PAPER_SETTINGS", "DEFAULT_SETTINGS",
            "INNER_PROJECTIONS", "OUTER_TARGETS", "RECOVERY_TARGETS", "FLAGGED_MASS", "STAMP_CLASSES", "STAMP_SCAN",
@@ -745,7 +745,7 @@ class IBAU(UniversalPerturbation):
             return super().trainable(net)
         frozen = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                   for p in m.parameters(recurse=False)}
-        return [p for p in net.parameters() if p.requires_grad and id(p) not in frozen]
+        return [p for p in super().trainable(net) if id(p) not in frozen]
 
     def compute_view(self, net: nn.Module, device: torch.device) -> nn.Module:
         # channels-last folded weights: ~10% faster double-backward convolutions on CPU
@@ -788,8 +788,7 @@ class IBAU(UniversalPerturbation):
             t_first += t_inner  # every run's inner pass counts in the round's first phase
             accuracy = self.clean_accuracy(setup)
             accuracies.append(accuracy)
-            finite = all(bool(torch.isfinite(p).all()) for p in setup.params)
-            lost = setup.clean_accuracy - accuracy if finite else math.inf
+            lost = setup.clean_accuracy - accuracy if all_finite(setup.params) else math.inf
             if not lost > self.guard_drop or retry == self.guard_retries:
                 break
             lr = setup.optimizer.param_groups[0]["lr"] / GUARD_BACKOFF
