@@ -99,7 +99,7 @@ OUTER_TARGETS = ("labels", "teacher")
 #: what the recovery passes fit: the outer loss's targets, their top class (hard labels), or the clean labels
 RECOVERY_TARGETS = ("outer", "argmax", "labels", "auto")
 #: where the teacher's probability of a class the scan flagged goes on images of other labels
-FLAGGED_MASS = ("keep", "label")
+FLAGGED_MASS = ("keep", "label", "excess")
 #: which images a class's reversed trigger is stamped on: any, or only those labelled with another class
 STAMP_CLASSES = ("all", "others")
 
@@ -130,6 +130,25 @@ def move_flagged_mass(probs: Tensor, labels: Tensor, classes: Sequence[int]) -> 
         out[r, y] += out[r, k]
         out[r, k] = 0
     return out
+
+
+def over_predicted(probs: Sequence[Tensor], labels: Sequence[Tensor], classes: Sequence[int], comm) -> list[int]:
+    """The classes of ``classes`` to which the soft predictions ``probs`` (one (n, C) tensor a batch)
+    give more probability, summed over the clean images of every process, than their labels'
+    share (``labels``: one tensor a batch) - those the model over-predicts on clean images
+    (``flagged_mass="excess"``)."""
+    classes = sorted(classes)
+    if not classes:
+        return []
+    device = probs[0].device
+    mass = torch.zeros(2, len(classes), dtype=torch.float64, device=device)
+    index = torch.tensor(classes, device=device)
+    for p, y in zip(probs, labels):
+        if len(y):
+            mass[0] += p[:, index].sum(0).double()
+            mass[1] += (y[:, None] == index[None, :]).sum(0).double()
+    (mass,) = comm.all_reduce_sum([mass])
+    return [k for k, m, n in zip(classes, mass[0].tolist(), mass[1].tolist()) if m > n]
 
 
 def trigger_region(mask: Tensor) -> Tensor | None:
@@ -887,8 +906,11 @@ class IBAU(UniversalPerturbation):
             setup.found = setup.reversed
             # the targets the model is fitted to; the fixed-point map's first images keep the teacher as it
             # was (their targets define the inner objective, as measured in the grid)
-            if self.flagged_mass == "label" and setup.labels is not None and setup.found:
-                setup.batches = [b._replace(y=move_flagged_mass(b.y, y, sorted(setup.found)))
+            if self.flagged_mass != "keep" and setup.labels is not None and setup.found:
+                moved = sorted(setup.found) if self.flagged_mass == "label" else \
+                    over_predicted([b.y for b in setup.batches], setup.labels, setup.found, setup.comm)
+                run.extras["debiased_classes"] = moved
+                setup.batches = [b._replace(y=move_flagged_mass(b.y, y, moved))
                                  for b, y in zip(setup.batches, setup.labels)]
         super()._fit(run, setup)
 
