@@ -353,7 +353,7 @@ def report(args) -> None:
                   "10% hold-out); ACC / ASR on the zoo's 500 held-out images. Where the recovery stamped the "
                   "scan's reversed trigger, \"clean\" after is weak evidence: the recovery unlearned exactly what "
                   "the scan finds (`python benchmarks/scan_zoo.py unlearn --only MODEL ...`). The files committed now "
-                  "were measured with BF25R3AFDXG on the second machine (an AMD EPYC), the scans above on the first.", "",
+                  "were measured with BF25R3AFDXGE on the second machine (an AMD EPYC), the scans above on the first.", "",
                   "| model | ACC / ASR before (%) | scan before | classes stamped in recovery | rounds | "
                   "ACC / ASR after (%) | scan after |",
                   "|---|---|---|---|---|---|---|"]

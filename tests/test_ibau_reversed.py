@@ -6,7 +6,8 @@ import torch
 
 from ibau import IBAU, InputError, testing as toy
 from ibau.defenses._universal import Batch
-from ibau.defenses.ibau import move_flagged_mass
+from ibau.defenses.ibau import move_flagged_mass, over_predicted
+from ibau.distributed import SingleProcess
 from ibau.metrics import backdoor_metrics
 
 _data, _vgg = toy.noise_data, toy.seeded_vgg
@@ -402,6 +403,45 @@ def test_flagged_mass_changes_the_teacher_only_where_a_class_was_flagged(monkeyp
         IBAU(flagged_mass="target")
 
 
+def test_over_predicted_compares_the_soft_mass_with_the_labels_share_over_every_batch():
+    # class 1: 0.6 + 0.2 + 0.3 = 1.1 of probability for one image labelled 1 -> over-predicted;
+    # class 2: 0.1 + 0.1 + 0.4 = 0.6 for one image labelled 2 -> under; class 0: 0.3 + 0.7 + 0.3 = 1.3 for one -> over
+    probs = [torch.tensor([[0.3, 0.6, 0.1], [0.7, 0.2, 0.1]]), torch.tensor([[0.3, 0.3, 0.4]])]
+    labels = [torch.tensor([0, 1]), torch.tensor([2])]
+    comm = SingleProcess()
+    assert over_predicted(probs, labels, [1, 2], comm) == [1]
+    assert over_predicted(probs, labels, {2: None, 0: None, 1: None}, comm) == [0, 1]
+    assert over_predicted(probs, labels, [], comm) == []
+    # equal mass and share is not over-predicted; an empty share of a batch counts nothing
+    assert over_predicted([torch.tensor([[0.5, 0.5]]), torch.zeros(0, 2)], [torch.tensor([0]), torch.zeros(0, dtype=torch.long)],
+                          [0, 1], comm) == [1]
+
+
+def test_flagged_mass_excess_moves_only_the_over_predicted_flagged_classes(monkeypatch):
+    x, y = _data()
+    outer = []
+    original = IBAU.hypergradient
+
+    def hypergradient(self, net, params, delta, batch, *args, **kwargs):
+        outer.append(batch.y)
+        return original(self, net, params, delta, batch, *args, **kwargs)
+
+    monkeypatch.setattr(IBAU, "hypergradient", hypergradient)
+    keep, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="keep")
+    teacher = list(outer)
+    outer.clear()
+    moved, res = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="excess")
+    labels = [y[20 * i:20 * (i + 1)] for i in range(len(teacher))]
+    expected = [k for k in (1, 3) if float(sum(t[:, k].sum() for t in teacher)) > int((y == k).sum())]
+    assert res.extras["debiased_classes"] == expected == [1]  # the toy's teacher over-predicts 1, not 3: both branches
+    for t, m, lab in zip(teacher, outer, labels):
+        torch.testing.assert_close(m, move_flagged_mass(t, lab, expected))
+    assert (expected == []) == all(torch.equal(keep[k], moved[k]) for k in keep)
+    # "label" moves every flagged class and says so
+    _, res_label = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="label")
+    assert res_label.extras["debiased_classes"] == [1, 3]
+
+
 def test_stamp_classes_others_never_stamps_a_class_trigger_on_an_image_of_that_class():
     x, _ = _data(20)
     ibau = IBAU(reversed_fraction=0.5, reversed_triggers=_triggers(), stamp_classes="others", progress=False)
@@ -477,8 +517,13 @@ def test_stop_unmoved_ends_the_run_before_a_round_whose_amplified_triggers_move_
 
     seconds = {}
 
-    def run(m, triggers=None, **settings):
+    stamped = {}
+    monkeypatch.setattr(IBAU, "stamp_margin", lambda self, setup, k, t: stamped.setdefault(k, stamped["value"]))
+
+    def run(m, triggers=None, stamp=0.0, **settings):
         margins["value"] = m
+        stamped.clear()
+        stamped["value"] = stamp
         x, y = _data()
         res = IBAU(rounds=3, batch_size=20, norm_bound=2.0, seed=1, progress=False, precision="fp32", fp_batch=None,
                    reversed_fraction=0.3, reversed_triggers=triggers or {1: _triggers()[1]}, amplify_steps=5,
@@ -491,10 +536,40 @@ def test_stop_unmoved_ends_the_run_before_a_round_whose_amplified_triggers_move_
     assert seconds["run"] > seconds["last point"]  # the check that stopped it is the run's work too
     assert run([0.5]) == ([1, 2, 3], "completed 3 rounds")  # the trigger still moves it: on
     assert run([-1.0], stop_unmoved=False)[0] == [1, 2, 3]  # the rule off
-    assert run([-1.0], triggers=_triggers())[0] == [1, 2, 3]  # one of two triggers not amplified: no evidence
-    assert run([-1.0, 0.2], triggers=_triggers())[0] == [1, 2, 3]  # one still moves it
+    # class 3's trigger is too wide to amplify: its stamp as found is measured (stamp_margin) and counts too
+    done, reason = run([-1.0], triggers=_triggers(), stamp=-0.5)
+    assert done == [1] and "stamped trigger(s) no longer move the model (best margin -0.50" in reason
+    assert 3 in stamped and 1 not in stamped  # only the trigger left as found is measured that way
+    assert run([-1.0], triggers=_triggers(), stamp=0.3)[0] == [1, 2, 3]  # the wide stamp still moves it
+    assert run([0.2], triggers=_triggers(), stamp=-0.5)[0] == [1, 2, 3]  # the amplified one still moves it
     with pytest.raises(InputError, match="stop_unmoved"):
         IBAU(stop_unmoved="yes")
+
+
+def test_stamp_margin_is_the_mean_target_margin_of_the_stamp_as_found_on_the_first_clean_images():
+    x, y = _data()
+    model = _vgg()
+    ibau = IBAU(batch_size=20, precision="fp32", progress=False, reversed_fraction=0.3, reversed_triggers=_triggers())
+    seen = {}
+    original = IBAU.before_round
+
+    def before_round(self, r, setup):
+        seen["setup"] = setup
+        return original(self, r, setup)
+
+    IBAU.before_round = before_round
+    try:
+        ibau.rounds = 1
+        ibau.fit(model, x, y)
+    finally:
+        IBAU.before_round = original
+    setup = seen["setup"]
+    t = _triggers()[3]
+    with torch.no_grad():
+        z = setup.net((1 - t["mask"]) * x + t["mask"] * t["pattern"])
+    others = torch.cat([z[:, :3], z[:, 4:]], 1)
+    by_hand = float((z[:, 3] - others.max(1).values).mean())
+    assert ibau.stamp_margin(setup, 3, t) == pytest.approx(by_hand, rel=1e-5, abs=1e-6)
 
 
 def test_unlearn_reports_a_stop_before_the_requested_rounds(monkeypatch):

@@ -194,8 +194,10 @@ def test_unlearn_scans_before_and_after_and_auto_rounds_stop_on_the_scan():
     rep = res.report
     assert rep["reversed_classes"] == [d["target"]]
     assert not rep["stop_reason"].startswith("scan:")
-    assert rep["stop_reason"].startswith(("reached max_rounds=2", "accuracy limit"))
-    assert rep["stop_reason"].startswith("accuracy limit") or [h["round"] for h in rep["history"]] == [1, 2]
+    # what ends it instead: max_rounds, the accuracy limit, or stop_unmoved (the stamps no longer move the model)
+    unmoved = "stopped before round 2: the stamped trigger(s) no longer move the model"
+    assert rep["stop_reason"].startswith(("reached max_rounds=2", "accuracy limit", unmoved))
+    assert rep["stop_reason"].startswith(("accuracy limit", unmoved)) or [h["round"] for h in rep["history"]] == [1, 2]
     line = summary(rep).splitlines()[0]
     assert ("weak evidence: the recovery unlearned this scan's own reversed trigger" in line) == \
         (not rep["scan_after"]["backdoored"])
