@@ -18,6 +18,8 @@ its own trigger, on test images the command never saw. Cases:
 * ``cifar10_noise_blend``: CIFAR-10, a fixed uniform-noise image blended at alpha 0.12 -> class 3 (cat),
   10% of the first 45,000 training images, 8 epochs with flips and shifts; clean sets from the other
   5,000 training images, ACC / ASR on the 1,000 lossless test images.
+* ``cifar10_corner_patch``: the same with a 4x4 patch of fixed random primary colours near the top-right
+  corner (rows 1-4, columns 27-30) -> class 7 (horse); flips move it to the top-left in training.
 
 Trained weights go to ``--cache`` (default ``/tmp/ibau-unseen``), one file per case, retrained when
 absent (seeded: the same weights on one machine). Needs ``../shared/data`` (``--data-dir``).
@@ -70,9 +72,10 @@ class Case:
             pool = torch.randperm(10000, generator=torch.Generator().manual_seed(5))
             self.clean = {2500: (xs[pool[:2500]], ys[pool[:2500]]), 1000: (xs[pool[:1000]], ys[pool[:1000]])}
             self.x_eval, self.y_eval = xs[10000:], ys[10000:]
-        elif name == "cifar10_noise_blend":
+        elif name in ("cifar10_noise_blend", "cifar10_corner_patch"):
             d = data / "cifar10"
-            self.classes, self.target, self.epochs, self.shift, self.flip = 10, 3, 8, 3, True
+            self.classes, self.epochs, self.shift, self.flip = 10, 8, 3, True
+            self.target = 3 if name == "cifar10_noise_blend" else 7
             xa, ya = _load(d, "x_train.npy.xz"), torch.tensor(np.load(d / "y_train.npy")).long()
             self.x_train, self.y_train = xa[:45000].clone(), ya[:45000].clone()
             pool = 45000 + torch.randperm(5000, generator=torch.Generator().manual_seed(5))
@@ -81,6 +84,7 @@ class Case:
             lossless = torch.tensor(np.load(d / "test_lossless.npy"))
             self.x_eval, self.y_eval = xs[lossless], ys[lossless]
             self.noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(77))
+            self.patch = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(78)).round()  # 4x4, 8 colours
         else:
             raise SystemExit(f"unknown case {name}")
 
@@ -88,6 +92,10 @@ class Case:
         if self.name == "gtsrb_plus":
             x = x.clone()
             x[:, :, 4:9, 4:9] = _plus()
+            return x
+        if self.name == "cifar10_corner_patch":
+            x = x.clone()
+            x[:, :, 1:5, 27:31] = self.patch
             return x
         return (1 - 0.12) * x + 0.12 * self.noise  # written as the weights were trained
 
@@ -138,6 +146,10 @@ def _weights(path: Path, classes: int):
     return net
 
 
+def _verdict(scan: dict | None) -> dict | None:
+    return scan and {k: scan[k] for k in ("backdoored", "target_classes", "score")}
+
+
 def run(args) -> None:
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -166,8 +178,7 @@ def run(args) -> None:
             record = {"case": name, "clean_size": size, "command": " ".join(["ibau"] + cmd[3:]), "before": before,
                       "after": after, "wall_seconds": wall, "summary": proc.stderr.strip().splitlines()[:4],
                       "rounds": report["rounds"], "stop_reason": report["stop_reason"],
-                      "scan_before": report["scan_before"] and {k: report["scan_before"][k] for k in ("backdoored", "target_classes", "score")},
-                      "scan_after": report["scan_after"] and {k: report["scan_after"][k] for k in ("backdoored", "target_classes", "score")},
+                      "scan_before": _verdict(report["scan_before"]), "scan_after": _verdict(report["scan_after"]),
                       "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
                       "environment": report["environment"], "threads": args.threads}
             (RESULTS / f"{name}-{size}.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -199,9 +210,10 @@ def report_md() -> None:
         lines.append(f"| {r['case']} | {r['clean_size']:,} | {100 * b['acc']:.1f} -> {100 * a['acc']:.1f} | "
                      f"{100 * drop:.1f} | {100 * b['asr']:.1f} -> {100 * a['asr']:.1f} | {met} | {scan} | "
                      f"{r['rounds']}: {r['stop_reason'].split(':')[0]} | {r['wall_seconds']:.0f} |")
+    environments = sorted({f"torch {r['environment'].get('torch')}, {r['threads']} threads" for r in rows})
     lines += ["", "Targets (issue 13): ASR <= 10% with at most 1.5 points lost at 2,500 images; ASR <= 20% with "
-              "at most 3 at 1,000. Wall s: the whole command as it ran (not a timing benchmark: see speed.md). Environment: " + ", ".join(sorted({f"torch {r['environment'].get('torch')}, "
-                                                                     f"{r['threads']} threads" for r in rows})) + "."]
+              "at most 3 at 1,000. Wall s: the whole command as it ran (not a timing benchmark: see speed.md). "
+              "Environment: " + ", ".join(environments) + "."]
     (BENCH / "results" / "unseen_models.md").write_text("\n".join(lines) + "\n")
 
 
@@ -210,7 +222,7 @@ def main() -> None:
     p.add_argument("command", choices=["run", "report"])
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     p.add_argument("--cache", type=Path, default=Path("/tmp/ibau-unseen"))
-    p.add_argument("--cases", nargs="+", default=["gtsrb_plus", "cifar10_noise_blend"])
+    p.add_argument("--cases", nargs="+", default=["gtsrb_plus", "cifar10_noise_blend", "cifar10_corner_patch"])
     p.add_argument("--sizes", nargs="+", type=int, default=[2500, 1000])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

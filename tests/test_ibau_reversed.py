@@ -412,9 +412,11 @@ def test_over_predicted_compares_the_soft_mass_with_the_labels_share_over_every_
     assert over_predicted(probs, labels, [1, 2], comm) == [1]
     assert over_predicted(probs, labels, {2: None, 0: None, 1: None}, comm) == [0, 1]
     assert over_predicted(probs, labels, [], comm) == []
-    # equal mass and share is not over-predicted; an empty share of a batch counts nothing
-    assert over_predicted([torch.tensor([[0.5, 0.5]]), torch.zeros(0, 2)], [torch.tensor([0]), torch.zeros(0, dtype=torch.long)],
-                          [0, 1], comm) == [1]
+    # a mass equal to the labels' share is not over-predicted; an empty share of a batch counts nothing
+    none = torch.zeros(0, dtype=torch.long)
+    assert over_predicted([torch.tensor([[0.25, 0.75], [0.75, 0.25]]), none], [torch.tensor([0, 1]), none],
+                          [0, 1], comm) == []
+    assert over_predicted([torch.tensor([[0.5, 0.5]]), none], [torch.tensor([0]), none], [0, 1], comm) == [1]
 
 
 def test_flagged_mass_excess_moves_only_the_over_predicted_flagged_classes(monkeypatch):
