@@ -373,8 +373,10 @@ def test_flagged_mass_moves_each_flagged_class_to_the_label_on_rows_of_other_lab
     assert move_flagged_mass(empty, empty, [1, 3]) is empty
 
 
-def test_flagged_mass_changes_the_teacher_only_where_a_class_was_flagged(monkeypatch):
-    x, y = _data()
+def _outer_targets(monkeypatch, flagged_mass):
+    """The teacher-fitting toy run with both stamps, once with ``flagged_mass="keep"`` and once with
+    ``flagged_mass``: ``(keep weights, teacher targets, weights, result, targets)``, the targets being
+    what each outer step fitted (the batches of 20, in order); the hypergradient is restored after."""
     outer = []
     original = IBAU.hypergradient
 
@@ -383,16 +385,25 @@ def test_flagged_mass_changes_the_teacher_only_where_a_class_was_flagged(monkeyp
         return original(self, net, params, delta, batch, *args, **kwargs)
 
     monkeypatch.setattr(IBAU, "hypergradient", hypergradient)
-    keep, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="keep")
-    teacher = list(outer)
-    outer.clear()
-    moved, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="label")
+    runs = []
+    for mass in ("keep", flagged_mass):
+        outer.clear()
+        weights, res = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(),
+                            flagged_mass=mass)
+        runs.append((weights, res, list(outer)))
+    monkeypatch.setattr(IBAU, "hypergradient", original)
+    (keep, _, teacher), (moved, res, targets) = runs
+    return keep, teacher, moved, res, targets
+
+
+def test_flagged_mass_changes_the_teacher_only_where_a_class_was_flagged(monkeypatch):
+    x, y = _data()
+    keep, teacher, moved, _, outer = _outer_targets(monkeypatch, "label")
     assert any(not torch.equal(keep[k], moved[k]) for k in keep)
     for i, (t, m) in enumerate(zip(teacher, outer)):  # batches of 20, in order
         labels = y[20 * i:20 * (i + 1)]
         torch.testing.assert_close(m, move_flagged_mass(t, labels, [1, 3]))
         assert all(m[r, k] == 0 for r in range(len(labels)) for k in (1, 3) if int(labels[r]) != k)
-    monkeypatch.setattr(IBAU, "hypergradient", original)
     # nothing flagged, or no teacher (the outer steps fit the labels): the same weights as "keep"
     a, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers={}, flagged_mass="keep")
     b, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers={}, flagged_mass="label")
@@ -421,18 +432,7 @@ def test_over_predicted_compares_the_soft_mass_with_the_labels_share_over_every_
 
 def test_flagged_mass_excess_moves_only_the_over_predicted_flagged_classes(monkeypatch):
     x, y = _data()
-    outer = []
-    original = IBAU.hypergradient
-
-    def hypergradient(self, net, params, delta, batch, *args, **kwargs):
-        outer.append(batch.y)
-        return original(self, net, params, delta, batch, *args, **kwargs)
-
-    monkeypatch.setattr(IBAU, "hypergradient", hypergradient)
-    keep, _ = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="keep")
-    teacher = list(outer)
-    outer.clear()
-    moved, res = _fit(outer_target="teacher", reversed_fraction=0.3, reversed_triggers=_triggers(), flagged_mass="excess")
+    keep, teacher, moved, res, outer = _outer_targets(monkeypatch, "excess")
     labels = [y[20 * i:20 * (i + 1)] for i in range(len(teacher))]
     expected = [k for k in (1, 3) if float(sum(t[:, k].sum() for t in teacher)) > int((y == k).sum())]
     assert res.extras["debiased_classes"] == expected == [1]  # the toy's teacher over-predicts 1, not 3: both branches

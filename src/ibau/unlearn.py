@@ -85,7 +85,8 @@ def unlearn(
         holdout: fraction or count of ``x`` held out to measure accuracy and robustness.
         rounds: a number of I-BAU rounds, ``"auto"``, or ``None`` (default): the recipe's. With the
             default recipe a number is a maximum: ``stop_unmoved`` ends the run before a round whose
-            stamps (amplified, or as found where too wide to amplify) no longer move the model (the report's ``stop_reason`` says so).
+            stamps (amplified, or as found where too wide to amplify) no longer move the model (the
+            report's ``stop_reason`` says so).
         max_rounds: the most rounds ``"auto"`` runs (default: the recipe's ``rounds``, 2 for
             the default recipe, 5 for the paper's).
         max_accuracy_drop: ``"auto"`` stops after a round whose held-out accuracy is more
