@@ -13,15 +13,7 @@ from ibau.models import Normalized, SmallVGG
 from ibau.models.fuse import fold_batchnorm
 
 
-def _randomise_bn(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for mod in net.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.copy_(0.1 * torch.randn(mod.num_features, generator=g))
-            mod.running_var.copy_(0.5 + torch.rand(mod.num_features, generator=g))
-            mod.weight.data.copy_(1 + 0.2 * torch.randn(mod.num_features, generator=g))
-            mod.bias.data.copy_(0.1 * torch.randn(mod.num_features, generator=g))
-    return net
+_randomise_bn = toy.randomise_batchnorm
 
 
 def test_perturbed_count_never_zero():

@@ -123,10 +123,13 @@ def test_recovery_passes_are_plain_steps_recorded_in_the_history():
 
 
 def test_small_clean_sets_get_more_recovery_passes_up_to_the_cap():
-    d = IBAU(progress=False)  # 3 passes, at least 75 steps a round, at most 8 passes
-    assert [d.recovery_pass_count(b) for b in (50, 25, 12, 10, 3, 1)] == [3, 3, 7, 8, 8, 8]
+    d = IBAU(progress=False)  # the fewest passes that make 75 steps a round, at most 8 passes
+    assert [d.recovery_pass_count(b) for b in (100, 50, 38, 37, 25, 12, 10, 3, 1)] == [1, 2, 2, 3, 3, 7, 8, 8, 8]
+    three = IBAU(recovery_passes=3, progress=False)  # at least 3 passes: the default before issue 15's last change
+    assert [three.recovery_pass_count(b) for b in (100, 50, 25, 12, 10, 1)] == [3, 3, 3, 7, 8, 8]
     assert IBAU(recovery_passes=0).recovery_pass_count(3) == 0
-    assert IBAU(recovery_min_steps=0).recovery_pass_count(3) == 3
+    assert IBAU(recovery_min_steps=0).recovery_pass_count(3) == 1
+    assert IBAU(recovery_passes=3, recovery_min_steps=0).recovery_pass_count(3) == 3
     assert IBAU.paper().recovery_pass_count(3) == 0
     with pytest.raises(InputError, match="recovery_min_steps"):
         IBAU(recovery_min_steps=-1)

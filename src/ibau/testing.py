@@ -170,3 +170,16 @@ def seeded_vgg(num_classes: int = 5) -> nn.Module:
 
     torch.manual_seed(0)
     return SmallVGG(num_classes=num_classes, image_size=8).eval()
+
+
+def randomise_batchnorm(net: nn.Module, seed: int = 0) -> nn.Module:
+    """``net`` with every BatchNorm2d's running statistics, scale and shift set to seeded random
+    values away from the identity (so that folding BatchNorm into the convolutions is tested)."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in net.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(0.1 * torch.randn(mod.num_features, generator=g))
+            mod.running_var.copy_(0.5 + torch.rand(mod.num_features, generator=g))
+            mod.weight.data.copy_(1 + 0.2 * torch.randn(mod.num_features, generator=g))
+            mod.bias.data.copy_(0.1 * torch.randn(mod.num_features, generator=g))
+    return net
