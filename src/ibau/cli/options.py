@@ -136,6 +136,7 @@ IBAU_OPTIONS = ("norm_bound", "batch_size", "outer_lr", "outer_optimizer", "oute
                 "inner_optimizer", "inner_projection", "fp_step", "hypergrad_iters", "hypergrad_solver",
                 "perturb_fraction", "recovery_passes", "recovery_min_steps", "fp_batch", "precision", "inner_precision",
                 "reversed_fraction", "recovery_target", "amplify_steps", "recovery_smoothing", "flagged_mass",
+                "excess_share",
                 "stamp_classes", "stop_unmoved", "guard_drop", "guard_retries",
                 "freeze_batchnorm")
 

@@ -42,8 +42,8 @@ PAPER_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, recovery_min_steps=0,
     batch_size=100, perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32", inner_precision=None,
     reversed_fraction=0.0, reversed_scan={}, recovery_target="outer", amplify_steps=0, recovery_smoothing=0.0,
-    flagged_mass="keep", stamp_classes="all", stop_unmoved=False, guard_drop=None, guard_retries=2,
-    freeze_batchnorm=False)
+    flagged_mass="keep", excess_share=0.0, stamp_classes="all", stop_unmoved=False, guard_drop=None,
+    guard_retries=2, freeze_batchnorm=False)
 
 #: the scan the default recipe runs for its stamps: :class:`ibau.scanning.MaskScan` as ``ibau scan`` runs
 #: it (the same triggers and flags), without the per-class success rates of the report, which the stamps
@@ -71,7 +71,8 @@ DEFAULT_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="teacher", recovery_passes=1, recovery_min_steps=75,
     batch_size=100, perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
     reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="auto", amplify_steps=50,
-    recovery_smoothing=0.0, flagged_mass="excess", stamp_classes="others", stop_unmoved=True, guard_drop=0.05,
+    recovery_smoothing=0.0, flagged_mass="excess", excess_share=0.0, stamp_classes="others", stop_unmoved=True,
+    guard_drop=0.05,
     guard_retries=2, freeze_batchnorm=False)
 
 #: How the stamps are amplified (``amplify_steps`` > 0): the region is the scan's mask where it
@@ -133,23 +134,28 @@ def move_flagged_mass(probs: Tensor, labels: Tensor, classes: Sequence[int]) -> 
     return out
 
 
-def over_predicted(probs: Sequence[Tensor], labels: Sequence[Tensor], classes: Sequence[int], comm: Comm) -> list[int]:
+def over_predicted(probs: Sequence[Tensor], labels: Sequence[Tensor], classes: Sequence[int], comm: Comm,
+                   share: float = 0.0) -> list[int]:
     """The classes of ``classes`` to which the soft predictions ``probs`` (one (n, C) tensor a batch)
     give more probability, summed over the clean images of every process, than their labels'
     share (``labels``: one tensor a batch) - those the model over-predicts on clean images
-    (``flagged_mass="excess"``)."""
+    (``flagged_mass="excess"``) - by at least ``share`` of the probability they get on the images of
+    other labels (``excess_share``): ``mass - count > 0`` and ``mass - count >= share * other``."""
     classes = sorted(classes)
     if not classes:
         return []
     device = probs[0].device
-    mass = torch.zeros(2, len(classes), dtype=torch.float64, device=device)
+    mass = torch.zeros(3, len(classes), dtype=torch.float64, device=device)
     index = torch.tensor(classes, device=device)
     for p, y in zip(probs, labels):
         if len(y):
-            mass[0] += p[:, index].sum(0).double()
-            mass[1] += (y[:, None] == index[None, :]).sum(0).double()
+            own = (y[:, None] == index[None, :]).double()
+            soft = p[:, index].double()
+            mass[0] += soft.sum(0)
+            mass[1] += own.sum(0)
+            mass[2] += (soft * (1 - own)).sum(0)
     (mass,) = comm.all_reduce_sum([mass])
-    return [k for k, m, n in zip(classes, mass[0].tolist(), mass[1].tolist()) if m > n]
+    return [k for k, m, n, o in zip(classes, *mass.tolist()) if m > n and m - n >= share * o]
 
 
 def target_margin(logits: Tensor, k: int) -> Tensor:
@@ -598,6 +604,7 @@ class IBAU(UniversalPerturbation):
         amplify_steps: int = 50,
         recovery_smoothing: float = 0.0,
         flagged_mass: str = "excess",
+        excess_share: float = 0.0,
         stamp_classes: str = "others",
         stop_unmoved: bool = True,
         guard_drop: float | None = 0.05,
@@ -632,6 +639,7 @@ class IBAU(UniversalPerturbation):
         self.amplify_steps = check_int("amplify_steps", amplify_steps, low=0)
         self.recovery_smoothing = check_number("recovery_smoothing", recovery_smoothing, low=0, high=1, high_open=True)
         self.flagged_mass = check_choice("flagged_mass", flagged_mass, FLAGGED_MASS)
+        self.excess_share = check_number("excess_share", excess_share, low=0, high=1)
         self.stamp_classes = check_choice("stamp_classes", stamp_classes, STAMP_CLASSES)
         self.stop_unmoved = check_choice("stop_unmoved", stop_unmoved, (True, False))
         self.guard_drop = check_number("guard_drop", guard_drop, low=0, high=1, allow_none=True)
@@ -982,7 +990,8 @@ class IBAU(UniversalPerturbation):
             # was (their targets define the inner objective, as measured in the grid)
             if self.flagged_mass != "keep" and setup.labels is not None and setup.found:
                 moved = sorted(setup.found) if self.flagged_mass == "label" else \
-                    over_predicted([b.y for b in setup.batches], setup.labels, setup.found, setup.comm)
+                    over_predicted([b.y for b in setup.batches], setup.labels, setup.found, setup.comm,
+                                   self.excess_share)
                 run.extras["debiased_classes"] = moved
                 setup.batches = [b._replace(y=move_flagged_mass(b.y, y, moved))
                                  for b, y in zip(setup.batches, setup.labels)]
