@@ -430,6 +430,21 @@ def test_over_predicted_compares_the_soft_mass_with_the_labels_share_over_every_
     assert over_predicted([torch.tensor([[0.5, 0.5]]), none], [torch.tensor([0]), none], [0, 1], comm) == [1]
 
 
+def test_over_predicted_with_a_share_asks_the_excess_to_be_that_share_of_the_other_labels_probability():
+    # class 0: excess 1.3 - 1 = 0.3 against 0.7 + 0.3 = 1.0 on images labelled 1 and 2 (0.3 of it);
+    # class 1: excess 0.1 against 0.6 + 0.3 = 0.9 (0.11 of it)
+    probs = [torch.tensor([[0.3, 0.6, 0.1], [0.7, 0.2, 0.1]]), torch.tensor([[0.3, 0.3, 0.4]])]
+    labels = [torch.tensor([0, 1]), torch.tensor([2])]
+    comm = SingleProcess()
+    assert over_predicted(probs, labels, [0, 1, 2], comm, 0.0) == [0, 1]
+    assert over_predicted(probs, labels, [0, 1, 2], comm, 0.1) == [0, 1]
+    assert over_predicted(probs, labels, [0, 1, 2], comm, 0.2) == [0]
+    assert over_predicted(probs, labels, [0, 1, 2], comm, 0.3) == [0]  # equality counts
+    assert over_predicted(probs, labels, [0, 1, 2], comm, 0.31) == []
+    with pytest.raises(InputError, match="excess_share"):
+        IBAU(excess_share=1.5)
+
+
 def test_flagged_mass_excess_moves_only_the_over_predicted_flagged_classes(monkeypatch):
     x, y = _data()
     keep, teacher, moved, res, outer = _outer_targets(monkeypatch, "excess")

@@ -193,6 +193,7 @@ def test_unlearn_scans_before_and_after_and_auto_rounds_stop_on_the_scan():
                   robustness_passes=1, scan_settings={"steps": STEPS}, progress=False)
     rep = res.report
     assert rep["reversed_classes"] == [d["target"]]
+    assert set(rep["debiased_classes"]) <= set(rep["reversed_classes"])  # the over-predicted ones among them
     assert not rep["stop_reason"].startswith("scan:")
     # what ends it instead: max_rounds, the accuracy limit, or stop_unmoved (the stamps no longer move the model)
     unmoved = "stopped before round 2: the stamped trigger(s) no longer move the model"
@@ -202,7 +203,10 @@ def test_unlearn_scans_before_and_after_and_auto_rounds_stop_on_the_scan():
     assert ("weak evidence: the recovery unlearned this scan's own reversed trigger" in line) == \
         (not rep["scan_after"]["backdoored"])
     # the run line says which class the recovery stamped, and that the stamp was amplified (the default's 50 steps)
-    assert f"reversed trigger (class {d['target']}; amplified, 50 steps a round)" in summary(rep)
+    # and, where the teacher's probability of that class was moved, that too
+    moved = (f"; its over-predicted probability moved to the labels: class {d['target']}"
+             if rep["debiased_classes"] else "")
+    assert f"reversed trigger (class {d['target']}; amplified, 50 steps a round{moved})" in summary(rep)
 
 
 def test_zoo_benchmark_measures():

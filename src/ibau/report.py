@@ -84,7 +84,9 @@ def summary(report: dict[str, Any]) -> str:
         + (f" ({report['config']['arithmetic']})" if report.get("config", {}).get("arithmetic") else "")
         + (f", recovery also unlearning the scan's reversed trigger (class {class_list(report['reversed_classes'])}"
            + (f"; amplified, {report['config']['amplify_steps']} steps a round"
-              if report.get("config", {}).get("amplify_steps") else "") + ")"
+              if report.get("config", {}).get("amplify_steps") else "")
+           + (f"; its over-predicted probability moved to the labels: class {class_list(report['debiased_classes'])}"
+              if report.get("debiased_classes") else "") + ")"
            if report.get("reversed_classes") else "")
         + f"; {_times(report)}; {report['stop_reason']}",
     ]
