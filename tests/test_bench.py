@@ -353,3 +353,18 @@ def test_a_cell_with_many_axes_gets_a_result_file_name_the_file_system_accepts(t
     failed = {**cells[1].as_dict(), "status": "error", "error": "boom", "wall_seconds": 0.0}
     assert write_record(tmp_path, failed)["status"] == "error"
     assert (tmp_path / "exp" / cells[1].error_filename).exists() and not finished(tmp_path, cells[1])
+
+
+def test_a_cell_naming_the_default_recipe_is_keyed_by_what_that_recipe_is(monkeypatch):
+    """A new default recipe makes new cells: results of the old one no longer pass for finished."""
+    from ibau.bench.spec import cell_key
+    from ibau.defenses import ibau as ibau_module
+
+    default = {"defense": "ibau", "settings": {"recipe": "default", "rounds": 5}, "seed": 0}
+    paper = {"defense": "ibau", "settings": {"recipe": "paper", "rounds": 5}, "seed": 0}
+    explicit = {"defense": "ibau", "settings": {"rounds": 5, "outer_lr": 1e-3}, "seed": 0}
+    before = {name: cell_key(p) for name, p in (("default", default), ("paper", paper), ("explicit", explicit))}
+    changed = {**ibau_module.DEFAULT_SETTINGS, "excess_share": 0.5}
+    monkeypatch.setitem(ibau_module.IBAU.recipes, "default", changed)
+    assert cell_key(default) != before["default"]
+    assert cell_key(paper) == before["paper"] and cell_key(explicit) == before["explicit"]

@@ -86,6 +86,16 @@ def canonical(obj: Any) -> str:
 
 
 def cell_key(params: dict[str, Any]) -> str:
+    """The hash of what a cell computes: its ``params``, and for a defense whose settings name its
+    ``"default"`` recipe, that recipe's settings as the code defines them now - a new default makes
+    new cells (and the old results stale, see ``ibau bench prune``) instead of passing for finished."""
+    settings = params.get("settings") or {}
+    if settings.get("recipe") == "default" and params.get("defense"):
+        from ..jobs.runner import defense_class
+
+        recipes = getattr(defense_class(params["defense"]), "recipes", {})
+        if "default" in recipes:
+            params = {**params, "default_recipe": dict(recipes["default"])}
     return hashlib.sha256(canonical(params).encode()).hexdigest()[:12]
 
 

@@ -579,6 +579,8 @@ class IBAU(UniversalPerturbation):
     """
 
     name = "ibau"
+    #: the named recipes (:meth:`from_recipe`); a grid cell naming ``"default"`` is keyed by its settings
+    recipes = RECIPES
     display_name = "I-BAU"
     short_name = "I-BAU"
     role = "ours"
@@ -668,7 +670,7 @@ class IBAU(UniversalPerturbation):
     def from_recipe(cls, recipe: str = "default", **overrides: Any) -> IBAU:
         """I-BAU from a named recipe of :data:`RECIPES` (``"default"`` or ``"paper"``), with
         ``overrides`` on top; an unknown name is an :class:`~ibau.errors.InputError`."""
-        base = RECIPES[check_choice("recipe", recipe, tuple(RECIPES))]
+        base = cls.recipes[check_choice("recipe", recipe, tuple(cls.recipes))]
         return cls(**{**base, **overrides})
 
     @classmethod
