@@ -34,16 +34,22 @@ def reference_inner_pass(model: nn.Module, batches, *, lr: float = 10.0, reg: fl
 
 def reference_hypergradient(model: nn.Module, params: list[Tensor], delta: Tensor, xb: Tensor, yb: Tensor,
                             x0: Tensor, y0: Tensor, chosen: Tensor, *, iters: int = 5, eta: float = 0.1,
-                            reg: float = 1e-3, tol: float = 1e-10) -> list[Tensor]:
+                            reg: float = 1e-3, tol: float = 1e-10, clip: bool = False,
+                            bound: float | None = None) -> list[Tensor]:
+    """The authors' hypergradient; ``clip`` clamps every ``x + delta`` to [0, 1] and ``bound`` projects the
+    fixed-point map's step onto the l2 ball of that radius (the default recipe's map), both written plainly."""
     d = delta.detach().requires_grad_(True)
     patch = torch.zeros_like(xb)
     patch[chosen] = d[0]
-    loss = F.cross_entropy(model(xb + patch), yb)
+    image = (lambda x: x.clamp(0, 1)) if clip else (lambda x: x)
+    loss = F.cross_entropy(model(image(xb + patch)), yb)
     (g_d,) = torch.autograd.grad(loss, [d], retain_graph=True)
     g_t = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    inner = -F.cross_entropy(model(x0 + d), y0) + reg * d.norm() ** 2
+    inner = -F.cross_entropy(model(image(x0 + d)), y0) + reg * d.norm() ** 2
     (g_in,) = torch.autograd.grad(inner, [d], create_graph=True)
     mapped = d - eta * g_in
+    if bound is not None and float(mapped.detach().norm()) > bound:
+        mapped = mapped * (bound / mapped.norm())
     v = torch.zeros_like(d)
     for _ in range(iters):
         prev = v

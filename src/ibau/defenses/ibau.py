@@ -73,8 +73,7 @@ DEFAULT_SETTINGS: dict[str, Any] = dict(
     batch_size=100, perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
     reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="auto", amplify_steps=50,
     recovery_smoothing=0.0, flagged_mass="excess", excess_share=0.1, stamp_classes="others", stop_unmoved=True,
-    guard_drop=0.05,
-    guard_retries=2, freeze_batchnorm=False)
+    guard_drop=0.05, guard_retries=2, freeze_batchnorm=False)
 
 #: How the stamps are amplified (``amplify_steps`` > 0): the region is the scan's mask where it
 #: exceeds ``mask_share`` of its largest value, dilated by ``dilation`` pixels; regions that cover
