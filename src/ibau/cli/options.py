@@ -135,7 +135,7 @@ def run_options(p, *, seed_help: str = "seed of every random draw (default: 0)")
 IBAU_OPTIONS = ("norm_bound", "batch_size", "outer_lr", "outer_optimizer", "outer_target", "inner_lr", "inner_reg",
                 "inner_optimizer", "inner_projection", "fp_step", "hypergrad_iters", "hypergrad_solver",
                 "perturb_fraction", "recovery_passes", "recovery_min_steps", "fp_batch", "precision", "inner_precision",
-                "reversed_fraction", "recovery_target", "amplify_steps", "recovery_smoothing", "flagged_mass",
+                "reversed_fraction", "recovery_target", "amplify_steps", "recovery_smoothing", "recovery_schedule", "flagged_mass",
                 "excess_share",
                 "stamp_classes", "stop_unmoved", "guard_drop", "guard_retries",
                 "freeze_batchnorm")
@@ -143,8 +143,8 @@ IBAU_OPTIONS = ("norm_bound", "batch_size", "outer_lr", "outer_optimizer", "oute
 
 def ibau_options(p) -> None:
     """One option per I-BAU setting, its default shown from :class:`ibau.IBAU`'s signature."""
-    from ..defenses.ibau import (FLAGGED_MASS, INNER_PROJECTIONS, OPTIMIZERS, OUTER_TARGETS, RECOVERY_TARGETS,
-                                 STAMP_CLASSES, IBAU)
+    from ..defenses.ibau import (FLAGGED_MASS, INNER_PROJECTIONS, OPTIMIZERS, OUTER_TARGETS, RECOVERY_SCHEDULES,
+                                 RECOVERY_TARGETS, STAMP_CLASSES, IBAU)
     from ..hypergrad import SOLVERS
     from ..precision import PRECISIONS
 
@@ -155,7 +155,8 @@ def ibau_options(p) -> None:
                "hypergrad_solver": sorted(SOLVERS), "outer_target": list(OUTER_TARGETS),
                "inner_projection": list(INNER_PROJECTIONS), "precision": list(PRECISIONS),
                "inner_precision": list(PRECISIONS), "recovery_target": list(RECOVERY_TARGETS),
-               "flagged_mass": list(FLAGGED_MASS), "stamp_classes": list(STAMP_CLASSES)}
+               "flagged_mass": list(FLAGGED_MASS), "stamp_classes": list(STAMP_CLASSES),
+               "recovery_schedule": list(RECOVERY_SCHEDULES)}
     for name in IBAU_OPTIONS:
         default = params[name].default
         if name == "norm_bound":

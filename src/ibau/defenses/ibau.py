@@ -42,6 +42,7 @@ PAPER_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, recovery_min_steps=0,
     batch_size=100, perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32", inner_precision=None,
     reversed_fraction=0.0, reversed_scan={}, recovery_target="outer", amplify_steps=0, recovery_smoothing=0.0,
+    recovery_schedule="constant",
     flagged_mass="keep", excess_share=0.0, stamp_classes="all", stop_unmoved=False, guard_drop=None,
     guard_retries=2, freeze_batchnorm=False)
 
@@ -72,7 +73,7 @@ DEFAULT_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="teacher", recovery_passes=1, recovery_min_steps=75,
     batch_size=100, perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
     reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="auto", amplify_steps=50,
-    recovery_smoothing=0.0, flagged_mass="excess", excess_share=0.1, stamp_classes="others", stop_unmoved=True,
+    recovery_smoothing=0.0, recovery_schedule="constant", flagged_mass="excess", excess_share=0.1, stamp_classes="others", stop_unmoved=True,
     guard_drop=0.05, guard_retries=2, freeze_batchnorm=False)
 
 #: How the stamps are amplified (``amplify_steps`` > 0): the region is the scan's mask where it
@@ -100,6 +101,8 @@ INNER_PROJECTIONS = ("end", "every_step")
 OUTER_TARGETS = ("labels", "teacher")
 #: what the recovery passes fit: the outer loss's targets, their top class (hard labels), or the clean labels
 RECOVERY_TARGETS = ("outer", "argmax", "labels", "auto")
+#: the outer optimiser's step size over a round's recovery steps: as it is, or decayed along a half cosine to 0
+RECOVERY_SCHEDULES = ("constant", "cosine")
 #: where the teacher's probability of a class the scan flagged goes on images of other labels
 FLAGGED_MASS = ("keep", "label", "excess")
 #: which images a class's reversed trigger is stamped on: any, or only those labelled with another class
@@ -621,6 +624,7 @@ class IBAU(UniversalPerturbation):
         recovery_target: str = "auto",
         amplify_steps: int = 50,
         recovery_smoothing: float = 0.0,
+        recovery_schedule: str = "constant",
         flagged_mass: str = "excess",
         excess_share: float = 0.1,
         stamp_classes: str = "others",
@@ -656,6 +660,7 @@ class IBAU(UniversalPerturbation):
         self.recovery_target = check_choice("recovery_target", recovery_target, RECOVERY_TARGETS)
         self.amplify_steps = check_int("amplify_steps", amplify_steps, low=0)
         self.recovery_smoothing = check_number("recovery_smoothing", recovery_smoothing, low=0, high=1, high_open=True)
+        self.recovery_schedule = check_choice("recovery_schedule", recovery_schedule, RECOVERY_SCHEDULES)
         self.flagged_mass = check_choice("flagged_mass", flagged_mass, FLAGGED_MASS)
         self.excess_share = check_number("excess_share", excess_share, low=0, high=1)
         self.stamp_classes = check_choice("stamp_classes", stamp_classes, STAMP_CLASSES)
@@ -935,10 +940,17 @@ class IBAU(UniversalPerturbation):
         if self.recovery_target == "labels" or (self.recovery_target == "auto" and not setup.found):
             batches = [b._replace(y=y) for b, y in zip(batches, labels)]
         recovery = []
+        step_sizes = [group["lr"] for group in setup.optimizer.param_groups]
+        total = passes * len(batches)
         for _ in range(passes):
             for batch, y in zip(batches, labels):
+                if self.recovery_schedule == "cosine":
+                    for group, lr in zip(setup.optimizer.param_groups, step_sizes):
+                        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * len(recovery) / total))
                 recovery.append(self.recovery_step(setup, batch, y))
                 bar.update()
+        for group, lr in zip(setup.optimizer.param_groups, step_sizes):
+            group["lr"] = lr
         bar.close()
         numbers = {**record, **amplified, "outer_loss": outer_total / len(setup.batches)}
         if recovery:
