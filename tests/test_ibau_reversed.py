@@ -1,6 +1,8 @@
 """Issue 13: recovery passes that also unlearn the triggers a scan reverse-engineered
 (``IBAU(reversed_fraction=..., reversed_triggers=...)``)."""
 
+import math
+
 import pytest
 import torch
 
@@ -351,6 +353,74 @@ def test_recovery_smoothing_fits_the_smoothed_labels(monkeypatch):
     assert all(torch.allclose(smoothed[k], by_hand[k], atol=2e-5) for k in plain)
     with pytest.raises(InputError, match="recovery_smoothing"):
         IBAU(recovery_smoothing=1.0)
+
+
+def test_recovery_schedule_cosine_decays_the_recovery_step_size_and_restores_it(monkeypatch):
+    """``recovery_schedule="cosine"``: recovery step ``i`` of ``T`` runs at ``lr * (1 + cos(pi i / T)) / 2``;
+    the outer steps and the next round run at ``lr`` again; ``"constant"`` keeps ``lr`` throughout."""
+    seen = {}
+    original_recovery, original_outer = IBAU.recovery_step, IBAU.outer_step
+
+    def recovery(self, setup, batch, labels=None):
+        seen.setdefault(self.recovery_schedule, []).append(("recovery", setup.optimizer.param_groups[0]["lr"]))
+        return original_recovery(self, setup, batch, labels)
+
+    def outer(self, setup, delta, batch):
+        seen.setdefault(self.recovery_schedule, []).append(("outer", setup.optimizer.param_groups[0]["lr"]))
+        return original_outer(self, setup, delta, batch)
+
+    monkeypatch.setattr(IBAU, "recovery_step", recovery)
+    monkeypatch.setattr(IBAU, "outer_step", outer)
+    x, y = _data()
+    for schedule in ("constant", "cosine"):
+        IBAU(rounds=2, batch_size=20, norm_bound=2.0, seed=1, progress=False, precision="fp32", fp_batch=None,
+             reversed_fraction=0.0, recovery_passes=2, recovery_min_steps=0, guard_drop=None, outer_lr=1e-3,
+             recovery_schedule=schedule).fit(_vgg(), x, y)
+    batches = len(x) // 20
+    constant, cosine = seen["constant"], seen["cosine"]
+    assert [k for k, _ in cosine] == [k for k, _ in constant] == (["outer"] * batches + ["recovery"] * 2 * batches) * 2
+    assert all(lr == 1e-3 for _, lr in constant)
+    for r in range(2):
+        steps = cosine[r * 3 * batches:(r + 1) * 3 * batches]
+        assert all(lr == 1e-3 for _, lr in steps[:batches])
+        decayed = [lr for _, lr in steps[batches:]]
+        total = len(decayed)
+        assert decayed == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * i / total)) for i in range(total)])
+        assert decayed[0] == 1e-3 and decayed[-1] < 0.1 * 1e-3
+    with pytest.raises(InputError, match="recovery_schedule"):
+        IBAU(recovery_schedule="linear")
+
+
+def test_recovery_average_keeps_the_mean_of_the_last_recovery_pass_weights(monkeypatch):
+    """``recovery_average=True``: a round ends on the mean of the weights after each step of its last
+    recovery pass (tail averaging); the steps themselves are those of the plain recovery."""
+    snapshots = []
+    original = IBAU.recovery_step
+
+    def recovery(self, setup, batch, labels=None):
+        loss = original(self, setup, batch, labels)
+        snapshots.append([p.detach().clone() for p in setup.params])
+        return loss
+
+    monkeypatch.setattr(IBAU, "recovery_step", recovery)
+    x, y = _data()
+    settings = dict(rounds=1, batch_size=20, norm_bound=2.0, seed=1, progress=False, precision="fp32", fp_batch=None,
+                    reversed_fraction=0.0, recovery_passes=2, recovery_min_steps=0, guard_drop=None, fold_bn=False)
+    plain_model, averaged_model = _vgg(), _vgg()
+    IBAU(**settings).fit(plain_model, x, y)
+    plain_steps, snapshots[:] = list(snapshots), []
+    IBAU(recovery_average=True, **settings).fit(averaged_model, x, y)
+    batches = len(x) // 20
+    assert len(snapshots) == len(plain_steps) == 2 * batches
+    for a, b in zip(snapshots[-1], plain_steps[-1]):  # the same trajectory
+        assert torch.equal(a, b)
+    params = [p for p in averaged_model.parameters() if p.requires_grad]
+    for j, p in enumerate(params):
+        mean = torch.stack([s[j] for s in snapshots[batches:]]).mean(0)
+        torch.testing.assert_close(p.detach(), mean, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(p, q) for p, q in zip(params, plain_model.parameters()))
+    with pytest.raises(InputError, match="recovery_average"):
+        IBAU(recovery_average="yes")
 
 
 def test_flagged_mass_moves_each_flagged_class_to_the_label_on_rows_of_other_labels():

@@ -42,7 +42,7 @@ PAPER_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="labels", recovery_passes=0, recovery_min_steps=0,
     batch_size=100, perturb_fraction=0.01, clip_images=None, fp_batch=None, precision="fp32", inner_precision=None,
     reversed_fraction=0.0, reversed_scan={}, recovery_target="outer", amplify_steps=0, recovery_smoothing=0.0,
-    recovery_schedule="constant",
+    recovery_schedule="constant", recovery_average=False,
     flagged_mass="keep", excess_share=0.0, stamp_classes="all", stop_unmoved=False, guard_drop=None,
     guard_retries=2, freeze_batchnorm=False)
 
@@ -73,7 +73,8 @@ DEFAULT_SETTINGS: dict[str, Any] = dict(
     outer_lr=1e-3, outer_optimizer="adam", outer_target="teacher", recovery_passes=1, recovery_min_steps=75,
     batch_size=100, perturb_fraction=0.05, clip_images=True, fp_batch=25, precision="auto", inner_precision=None,
     reversed_fraction=0.2, reversed_scan=STAMP_SCAN, recovery_target="auto", amplify_steps=50,
-    recovery_smoothing=0.0, recovery_schedule="constant", flagged_mass="excess", excess_share=0.1, stamp_classes="others", stop_unmoved=True,
+    recovery_smoothing=0.0, recovery_schedule="constant", recovery_average=False, flagged_mass="excess",
+    excess_share=0.1, stamp_classes="others", stop_unmoved=True,
     guard_drop=0.05, guard_retries=2, freeze_batchnorm=False)
 
 #: How the stamps are amplified (``amplify_steps`` > 0): the region is the scan's mask where it
@@ -625,6 +626,7 @@ class IBAU(UniversalPerturbation):
         amplify_steps: int = 50,
         recovery_smoothing: float = 0.0,
         recovery_schedule: str = "constant",
+        recovery_average: bool = False,
         flagged_mass: str = "excess",
         excess_share: float = 0.1,
         stamp_classes: str = "others",
@@ -661,6 +663,7 @@ class IBAU(UniversalPerturbation):
         self.amplify_steps = check_int("amplify_steps", amplify_steps, low=0)
         self.recovery_smoothing = check_number("recovery_smoothing", recovery_smoothing, low=0, high=1, high_open=True)
         self.recovery_schedule = check_choice("recovery_schedule", recovery_schedule, RECOVERY_SCHEDULES)
+        self.recovery_average = check_choice("recovery_average", recovery_average, (True, False))
         self.flagged_mass = check_choice("flagged_mass", flagged_mass, FLAGGED_MASS)
         self.excess_share = check_number("excess_share", excess_share, low=0, high=1)
         self.stamp_classes = check_choice("stamp_classes", stamp_classes, STAMP_CLASSES)
@@ -942,15 +945,28 @@ class IBAU(UniversalPerturbation):
         recovery = []
         step_sizes = [group["lr"] for group in setup.optimizer.param_groups]
         total = passes * len(batches)
-        for _ in range(passes):
+        average, averaged = None, 0
+        for n in range(passes):
             for batch, y in zip(batches, labels):
                 if self.recovery_schedule == "cosine":
                     for group, lr in zip(setup.optimizer.param_groups, step_sizes):
                         group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * len(recovery) / total))
                 recovery.append(self.recovery_step(setup, batch, y))
+                if self.recovery_average and n == passes - 1:  # the running mean of the last pass's weights
+                    averaged += 1
+                    with torch.no_grad():
+                        if average is None:
+                            average = [p.detach().clone() for p in setup.params]
+                        else:
+                            for a, p in zip(average, setup.params):
+                                a.add_(p.detach() - a, alpha=1.0 / averaged)
                 bar.update()
         for group, lr in zip(setup.optimizer.param_groups, step_sizes):
             group["lr"] = lr
+        if average is not None:
+            with torch.no_grad():
+                for p, a in zip(setup.params, average):
+                    p.copy_(a)
         bar.close()
         numbers = {**record, **amplified, "outer_loss": outer_total / len(setup.batches)}
         if recovery:
