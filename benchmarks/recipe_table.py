@@ -65,7 +65,6 @@ SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_
          "ablation_reversed3afdxgb_seeds_cifar10", "ablation_reversed3afdxgb_seeds_gtsrb",
          "ablation_reversed3afdxge_seeds_cifar10", "ablation_reversed3afdxge_seeds_gtsrb",
          "ablation_reversed3afdxgs_seeds_cifar10", "ablation_reversed3afdxgs_seeds_gtsrb",
-         "ablation_reversed3afdxgc_seeds_cifar10", "ablation_reversed3afdxgc_seeds_gtsrb",
          "ablation_reversed3afdxga_seeds_cifar10", "ablation_reversed3afdxga_seeds_gtsrb"]
 #: the models the runner trains itself (lossless clean images it never saw; --trained)
 TRAINED = ["ablation_trained", "ablation_trained_default", "ablation_trained_afl", "ablation_trained_afr",

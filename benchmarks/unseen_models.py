@@ -152,7 +152,11 @@ def _verdict(scan: dict | None) -> dict | None:
 
 def run(args) -> None:
     torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    extra = args.options.split() if args.options else []
+    if extra and not args.label:
+        raise SystemExit("--options needs --label (the variant's name; its files go to a folder of that name)")
+    results = RESULTS / args.label if extra else RESULTS
+    results.mkdir(parents=True, exist_ok=True)
     for name in args.cases:
         case = Case(name, args.data_dir)
         weights = args.cache / f"{name}.safetensors"
@@ -167,7 +171,7 @@ def run(args) -> None:
             cmd = [sys.executable, "-m", "ibau", "unlearn", "--model-def", f"{BENCH / 'unseen' / 'gn_resnet.py'}:build",
                    "--num-classes", str(case.classes), "--weights", str(weights), "--data", str(work / "clean.npz"),
                    "--out", str(work / "out.safetensors"), "--report", str(work / "report.json"), "--seed", "0",
-                   "--quiet", "--force"]
+                   "--quiet", "--force", *extra]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - t0
@@ -181,7 +185,9 @@ def run(args) -> None:
                       "scan_before": _verdict(report["scan_before"]), "scan_after": _verdict(report["scan_after"]),
                       "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
                       "environment": report["environment"], "threads": args.threads}
-            (RESULTS / f"{name}-{size}.json").write_text(json.dumps(record, indent=1) + "\n")
+            if extra:
+                record.update(variant=args.label, options=extra)
+            (results / f"{name}-{size}.json").write_text(json.dumps(record, indent=1) + "\n")
             print(f"{name} {size}: ACC {100 * before['acc']:.1f} -> {100 * after['acc']:.1f}, "
                   f"ASR {100 * before['asr']:.1f} -> {100 * after['asr']:.1f} ({wall:.0f} s)", flush=True)
     report_md()
@@ -200,21 +206,44 @@ def report_md() -> None:
              "| case | clean images | ACC before -> after (%) | drop (points) | ASR before -> after (%) | target met | "
              "scan before / after | rounds, stop | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        b, a = r["before"], r["after"]
-        drop = b["acc"] - a["acc"]
-        asr_t, drop_t = targets[r["clean_size"]]
-        met = "yes" if a["asr"] <= asr_t and drop <= drop_t else "no"
-        sb, sa = r["scan_before"] or {}, r["scan_after"] or {}
-        scan = (f"{'backdoor ' + str(sb.get('target_classes')) if sb.get('backdoored') else 'clean'} / "
-                f"{'backdoor ' + str(sa.get('target_classes')) if sa.get('backdoored') else 'clean'}")
-        lines.append(f"| {r['case']} | {r['clean_size']:,} | {100 * b['acc']:.1f} -> {100 * a['acc']:.1f} | "
-                     f"{100 * drop:.1f} | {100 * b['asr']:.1f} -> {100 * a['asr']:.1f} | {met} | {scan} | "
-                     f"{r['rounds']}: {r['stop_reason'].split(':')[0]} | {r['wall_seconds']:.0f} |")
+        lines.append(_row(r, targets))
+    variants = sorted(p for p in RESULTS.iterdir() if p.is_dir())
+    if variants:
+        lines += ["", "Variants, measured and not adopted: the same command with options added (files in "
+                  "`benchmarks/results/unseen_models/<variant>/`, written by `python benchmarks/unseen_models.py run "
+                  "--label <variant> --options \"...\"`).", "",
+                  "| variant | options | case | clean images | drop (points) | ASR after (%) | target met | default: drop / ASR |",
+                  "|---|---|---|---|---|---|---|---|"]
+        default = {(r["case"], r["clean_size"]): r for r in rows}
+        for folder in variants:
+            for path in sorted(folder.glob("*.json")):
+                r = json.loads(path.read_text())
+                b, a = r["before"], r["after"]
+                asr_t, drop_t = targets[r["clean_size"]]
+                met = "yes" if a["asr"] <= asr_t and b["acc"] - a["acc"] <= drop_t else "no"
+                d = default.get((r["case"], r["clean_size"]))
+                base = f"{100 * (d['before']['acc'] - d['after']['acc']):.1f} / {100 * d['after']['asr']:.1f}" if d else "-"
+                lines.append(f"| {r['variant']} | `{' '.join(r['options'])}` | {r['case']} | {r['clean_size']:,} | "
+                             f"{100 * (b['acc'] - a['acc']):.1f} | {100 * a['asr']:.1f} | {met} | {base} |")
     environments = sorted({f"torch {r['environment'].get('torch')}, {r['threads']} threads" for r in rows})
     lines += ["", "Targets (issue 13): ASR <= 10% with at most 1.5 points lost at 2,500 images; ASR <= 20% with "
               "at most 3 at 1,000. Wall s: the whole command as it ran (not a timing benchmark: see speed.md). "
               "Environment: " + ", ".join(environments) + "."]
     (BENCH / "results" / "unseen_models.md").write_text("\n".join(lines) + "\n")
+
+
+def _row(r: dict, targets: dict) -> str:
+    """One default-command row of the table."""
+    b, a = r["before"], r["after"]
+    drop = b["acc"] - a["acc"]
+    asr_t, drop_t = targets[r["clean_size"]]
+    met = "yes" if a["asr"] <= asr_t and drop <= drop_t else "no"
+    sb, sa = r["scan_before"] or {}, r["scan_after"] or {}
+    scan = (f"{'backdoor ' + str(sb.get('target_classes')) if sb.get('backdoored') else 'clean'} / "
+            f"{'backdoor ' + str(sa.get('target_classes')) if sa.get('backdoored') else 'clean'}")
+    return (f"| {r['case']} | {r['clean_size']:,} | {100 * b['acc']:.1f} -> {100 * a['acc']:.1f} | "
+            f"{100 * drop:.1f} | {100 * b['asr']:.1f} -> {100 * a['asr']:.1f} | {met} | {scan} | "
+            f"{r['rounds']}: {r['stop_reason'].split(':')[0]} | {r['wall_seconds']:.0f} |")
 
 
 def main() -> None:
@@ -225,6 +254,8 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=["gtsrb_plus", "cifar10_noise_blend", "cifar10_corner_patch"])
     p.add_argument("--sizes", nargs="+", type=int, default=[2500, 1000])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--options", help="options added to the default command (a variant, with --label)")
+    p.add_argument("--label", help="the variant's name: its results go to benchmarks/results/unseen_models/LABEL/")
     args = p.parse_args()
     run(args) if args.command == "run" else report_md()
 
