@@ -35,10 +35,10 @@ RESULTS = ROOT / "results" / "scan_zoo"
 REPORT = ROOT / "results" / "scan_zoo.md"
 
 
-def _results(precision: str, mask_tv: float = 0.0, explore_images: int | None = None) -> Path:
-    """Where the scans of one precision (and mask_tv, explore_images) are kept (float32: ``scan_zoo/``)."""
+def _results(precision: str, mask_tv: float = 0.0, explore_images: int | None = None, steps: int | None = None) -> Path:
+    """Where the scans of one precision (and mask_tv, explore_images, steps) are kept (float32: ``scan_zoo/``)."""
     name = "scan_zoo" + ("" if precision == "fp32" else f"_{precision}") + (f"_tv{mask_tv:g}" if mask_tv else "") \
-        + (f"_e{explore_images}" if explore_images is not None else "")
+        + (f"_e{explore_images}" if explore_images is not None else "") + (f"_s{steps}" if steps is not None else "")
     return RESULTS.with_name(name)
 
 
@@ -111,7 +111,7 @@ def scan(args) -> None:
 
     torch.set_num_threads(args.threads)
     settings, models = _zoo(args.data_dir, args.cache)
-    results = _results(args.precision, args.mask_tv, args.explore_images)
+    results = _results(args.precision, args.mask_tv, args.explore_images, args.steps)
     results.mkdir(parents=True, exist_ok=True)
     for name, entry in models.items():
         if args.only and name not in args.only:
@@ -133,7 +133,8 @@ def scan(args) -> None:
         t0 = time.perf_counter()
         result = ibau.scan(model, xc, yc, seed=args.seed, progress=not args.quiet, precision=args.precision,
                            mask_tv=args.mask_tv,
-                           **({} if args.explore_images is None else {"explore_images": args.explore_images}))
+                           **({} if args.explore_images is None else {"explore_images": args.explore_images}),
+                           **({} if args.steps is None else {"steps": args.steps}))
         seconds = time.perf_counter() - t0
         record = {"model": name, "entry": {k: v for k, v in entry.items()}, "source": source,
                   "truth": {"backdoored": attack is not None, "targets": _targets(attack)},
@@ -385,6 +386,13 @@ def report(args) -> None:
                           "classes both give each class 2 images a step, against 5; the seconds are as each run found "
                           "the machine: the 240 scans shared the cores with other jobs, the 120 ones ran alone, the 60 "
                           "ones beside a grid run, so compare them with the timing table above, not here)")
+    halved = _load_dir(_results("bf16", steps=150))
+    if halved:
+        lines += _compare([bf16[m] for m in sorted(bf16)], halved, "steps 300", "steps 150",
+                          "## Half the search: 150 steps instead of 300 (issue 15), bfloat16",
+                          "`steps=150` (50 exploring, 100 on the kept classes; `python benchmarks/scan_zoo.py scan "
+                          "--precision bf16 --steps 150`, JSON in `benchmarks/results/scan_zoo_bf16_s150/`; run alone, "
+                          "while the 300-step scans shared the cores: compare the seconds with the timing table above)")
     lines.append("")
     tmp = REPORT.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
@@ -410,6 +418,8 @@ def main() -> None:
                    help="scan: MaskScan's mask_tv (results in scan_zoo[_bf16]_tv<value>/ when not 0)")
     p.add_argument("--explore-images", type=int, default=None,
                    help="scan: MaskScan's explore_images (results in scan_zoo[_bf16]..._e<value>/ when given)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="scan: MaskScan's steps (a third of them exploring; results in scan_zoo[_bf16]..._s<value>/ when given)")
     args = p.parse_args()
     {"train": train, "scan": scan, "unlearn": unlearn_scan, "time": time_alone, "report": report}[args.action](args)
 
