@@ -219,12 +219,10 @@ def report_md() -> None:
             for path in sorted(folder.glob("*.json")):
                 r = json.loads(path.read_text())
                 b, a = r["before"], r["after"]
-                asr_t, drop_t = targets[r["clean_size"]]
-                met = "yes" if a["asr"] <= asr_t and b["acc"] - a["acc"] <= drop_t else "no"
                 d = default.get((r["case"], r["clean_size"]))
                 base = f"{100 * (d['before']['acc'] - d['after']['acc']):.1f} / {100 * d['after']['asr']:.1f}" if d else "-"
                 lines.append(f"| {r['variant']} | `{' '.join(r['options'])}` | {r['case']} | {r['clean_size']:,} | "
-                             f"{100 * (b['acc'] - a['acc']):.1f} | {100 * a['asr']:.1f} | {met} | {base} |")
+                             f"{100 * (b['acc'] - a['acc']):.1f} | {100 * a['asr']:.1f} | {_met(r, targets)} | {base} |")
     environments = sorted({f"torch {r['environment'].get('torch')}, {r['threads']} threads" for r in rows})
     lines += ["", "Targets (issue 13): ASR <= 10% with at most 1.5 points lost at 2,500 images; ASR <= 20% with "
               "at most 3 at 1,000. Wall s: the whole command as it ran (not a timing benchmark: see speed.md). "
@@ -232,12 +230,17 @@ def report_md() -> None:
     (BENCH / "results" / "unseen_models.md").write_text("\n".join(lines) + "\n")
 
 
+def _met(r: dict, targets: dict) -> str:
+    """"yes" where a run meets issue 13's targets for its clean-set size, else "no"."""
+    asr_t, drop_t = targets[r["clean_size"]]
+    return "yes" if r["after"]["asr"] <= asr_t and r["before"]["acc"] - r["after"]["acc"] <= drop_t else "no"
+
+
 def _row(r: dict, targets: dict) -> str:
     """One default-command row of the table."""
     b, a = r["before"], r["after"]
     drop = b["acc"] - a["acc"]
-    asr_t, drop_t = targets[r["clean_size"]]
-    met = "yes" if a["asr"] <= asr_t and drop <= drop_t else "no"
+    met = _met(r, targets)
     sb, sa = r["scan_before"] or {}, r["scan_after"] or {}
     scan = (f"{'backdoor ' + str(sb.get('target_classes')) if sb.get('backdoored') else 'clean'} / "
             f"{'backdoor ' + str(sa.get('target_classes')) if sa.get('backdoored') else 'clean'}")

@@ -135,7 +135,8 @@ def run_options(p, *, seed_help: str = "seed of every random draw (default: 0)")
 IBAU_OPTIONS = ("norm_bound", "batch_size", "outer_lr", "outer_optimizer", "outer_target", "inner_lr", "inner_reg",
                 "inner_optimizer", "inner_projection", "fp_step", "hypergrad_iters", "hypergrad_solver",
                 "perturb_fraction", "recovery_passes", "recovery_min_steps", "fp_batch", "precision", "inner_precision",
-                "reversed_fraction", "recovery_target", "amplify_steps", "recovery_smoothing", "recovery_schedule", "recovery_average", "flagged_mass",
+                "reversed_fraction", "recovery_target", "amplify_steps", "recovery_smoothing", "recovery_schedule",
+                "recovery_average", "flagged_mass",
                 "excess_share",
                 "stamp_classes", "stop_unmoved", "guard_drop", "guard_retries",
                 "freeze_batchnorm")
