@@ -167,3 +167,18 @@ def test_a_round_that_leaves_non_finite_weights_is_run_again(monkeypatch):
     res = _ibau(guard_drop=1.0).fit(model, x, y)  # no accuracy is too low: only the weights decide
     assert runs == [1, 1] and _rounds(res)[0]["guard_retries"] == 1
     assert all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_the_guard_divides_every_parameter_groups_step_size_under_relative_lr(monkeypatch):
+    x, y = _data()
+    _scripted(monkeypatch, [0.5, 0.0])  # the round loses 50 points, its re-run nothing
+    seen, original = [], IBAU.unlearn_round
+
+    def unlearn_round(self, r, setup, extras):
+        seen.append([g["lr"] for g in setup.optimizer.param_groups])
+        return original(self, r, setup, extras)
+
+    monkeypatch.setattr(IBAU, "unlearn_round", unlearn_round)
+    _ibau(guard_drop=0.05, relative_lr=0.01, fold_bn=False).fit(_vgg(), x, y)
+    assert len(seen) == 2 and len(seen[0]) > 2 and len(set(seen[0])) > 2  # one lr per weight tensor
+    assert seen[1] == pytest.approx([lr / GUARD_BACKOFF for lr in seen[0]])

@@ -667,3 +667,31 @@ def test_unlearn_reports_a_stop_before_the_requested_rounds(monkeypatch):
     res = unlearn(d["model"], d["x_clean"], d["y_clean"], holdout=100, rounds=2, batch_size=25, robustness_passes=1,
                   scan=False, progress=False, precision="fp32", reversed_fraction=0.0)
     assert res.report["stop_reason"] == "stopped before round 2: a test" and res.report["rounds"] == 1
+
+
+def test_relative_lr_steps_each_weight_tensor_by_a_share_of_its_own_scale(monkeypatch):
+    """``relative_lr``: the outer optimiser (which the recovery shares) steps a weight tensor of two or
+    more dimensions at ``relative_lr`` times its RMS before unlearning, biases and normalisation
+    parameters at ``outer_lr``; Adam's first step moves no element by more than its step size."""
+    seen, original = [], IBAU.outer_step
+
+    def outer_step(self, setup, delta, batch):
+        before = [p.detach().clone() for p in setup.params]
+        loss = original(self, setup, delta, batch)
+        if not seen:
+            lr = {id(p): g["lr"] for g in setup.optimizer.param_groups for p in g["params"]}
+            seen.extend((b, p.detach() - b, lr[id(p)]) for b, p in zip(before, setup.params))
+        return loss
+
+    monkeypatch.setattr(IBAU, "outer_step", outer_step)
+    x, y = _data()
+    model = _vgg()
+    IBAU(rounds=1, batch_size=20, norm_bound=2.0, seed=1, progress=False, precision="fp32", fp_batch=None,
+         reversed_fraction=0.0, guard_drop=None, fold_bn=False, outer_lr=1e-3, relative_lr=0.02).fit(model, x, y)
+    assert len(seen) == len([p for p in model.parameters() if p.requires_grad])
+    for w0, step, lr in seen:
+        assert lr == pytest.approx(0.02 * float(w0.pow(2).mean().sqrt()) if w0.dim() >= 2 else 1e-3, rel=1e-6)
+        assert float(step.abs().max()) <= lr * (1 + 1e-4) and bool(step.ne(0).any())
+    assert len({round(lr, 8) for _, _, lr in seen}) > 3
+    with pytest.raises(InputError, match="relative_lr"):
+        IBAU(relative_lr=0.0)

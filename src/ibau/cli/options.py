@@ -136,7 +136,7 @@ IBAU_OPTIONS = ("norm_bound", "batch_size", "outer_lr", "outer_optimizer", "oute
                 "inner_optimizer", "inner_projection", "fp_step", "hypergrad_iters", "hypergrad_solver",
                 "perturb_fraction", "recovery_passes", "recovery_min_steps", "fp_batch", "precision", "inner_precision",
                 "reversed_fraction", "recovery_target", "amplify_steps", "recovery_smoothing", "recovery_schedule",
-                "recovery_average", "flagged_mass",
+                "recovery_average", "relative_lr", "flagged_mass",
                 "excess_share",
                 "stamp_classes", "stop_unmoved", "guard_drop", "guard_retries",
                 "freeze_batchnorm")
@@ -164,6 +164,8 @@ def ibau_options(p) -> None:
             kind, shown = optional_float, "10 for 3x32x32 images, scaled to other sizes as 10*sqrt(C*H*W/3072)"
         elif name == "guard_drop":
             kind, shown = optional_float, "none: no guard" if default is None else f"{default}: {100 * default:g} points"
+        elif name == "relative_lr":
+            kind, shown = optional_float, "none: --outer-lr for every tensor"
         elif name == "inner_precision":
             kind, shown = str, "as --precision"
         elif isinstance(default, bool):
