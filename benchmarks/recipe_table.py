@@ -43,7 +43,8 @@ EXPERIMENTS = ["ablation_unlearn_cifar10", "ablation_unlearn_gtsrb", "ablation_r
                "ablation_reversed3afdxge_cifar10", "ablation_reversed3afdxge_gtsrb",
                "ablation_reversed3afdxgs_cifar10", "ablation_reversed3afdxgs_gtsrb",
                "ablation_reversed3afdxgc_cifar10", "ablation_reversed3afdxgc_gtsrb",
-               "ablation_reversed3afdxga_cifar10", "ablation_reversed3afdxga_gtsrb"]
+               "ablation_reversed3afdxga_cifar10", "ablation_reversed3afdxga_gtsrb",
+               "ablation_reversed3afdxgr_cifar10", "ablation_reversed3afdxgr_gtsrb"]
 SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_cifar10", "ablation_fast_seeds_gtsrb",
          "ablation_fast_inner_seeds_cifar10", "ablation_fast_inner_seeds_gtsrb", "ablation_reversed_seeds_cifar10",
          "ablation_reversed_seeds_gtsrb", "ablation_reversed3_seeds_cifar10", "ablation_reversed3_seeds_gtsrb",
@@ -65,12 +66,14 @@ SEEDS = ["ablation_seeds_cifar10", "ablation_seeds_gtsrb", "ablation_fast_seeds_
          "ablation_reversed3afdxgb_seeds_cifar10", "ablation_reversed3afdxgb_seeds_gtsrb",
          "ablation_reversed3afdxge_seeds_cifar10", "ablation_reversed3afdxge_seeds_gtsrb",
          "ablation_reversed3afdxgs_seeds_cifar10", "ablation_reversed3afdxgs_seeds_gtsrb",
-         "ablation_reversed3afdxga_seeds_cifar10", "ablation_reversed3afdxga_seeds_gtsrb"]
+         "ablation_reversed3afdxga_seeds_cifar10", "ablation_reversed3afdxga_seeds_gtsrb",
+         "ablation_reversed3afdxgr_seeds_cifar10", "ablation_reversed3afdxgr_seeds_gtsrb"]
 #: the models the runner trains itself (lossless clean images it never saw; --trained)
 TRAINED = ["ablation_trained", "ablation_trained_default", "ablation_trained_afl", "ablation_trained_afr",
            "ablation_trained_afrs", "ablation_trained_afd", "ablation_trained_afdx",
            "ablation_trained_afdxg", "ablation_trained_afdxgb", "ablation_trained_afdxge", "ablation_trained_afdxgs",
-           "ablation_trained_afdxgc", "ablation_trained_afdxga"]
+           "ablation_trained_afdxgc", "ablation_trained_afdxga",
+           "ablation_trained_afdxgr"]
 TARGETS = {2500: (0.10, 0.015), 1000: (0.20, 0.03)}
 #: (variant, clean size) whose cells are another variant's, the same computation: BF25R3M's at least 75
 #: recovery steps a round are BF25R3E's 3 passes over 2,500 images (25 batches), so only its 1,000-image
