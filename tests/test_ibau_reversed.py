@@ -693,5 +693,9 @@ def test_relative_lr_steps_each_weight_tensor_by_a_share_of_its_own_scale(monkey
         assert lr == pytest.approx(0.02 * float(w0.pow(2).mean().sqrt()) if w0.dim() >= 2 else 1e-3, rel=1e-6)
         assert float(step.abs().max()) <= lr * (1 + 1e-4) and bool(step.ne(0).any())
     assert len({round(lr, 8) for _, _, lr in seen}) > 3
+    # a model without biases or norms: its first group is still the (empty) one at outer_lr, which the guard reports
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.Flatten(), torch.nn.Linear(144, 5, bias=False))
+    groups = IBAU(outer_lr=1e-3, relative_lr=0.02).relative_optimizer(list(net.parameters())).param_groups
+    assert groups[0]["params"] == [] and groups[0]["lr"] == 1e-3 and len(groups) == 3
     with pytest.raises(InputError, match="relative_lr"):
         IBAU(relative_lr=0.0)

@@ -878,16 +878,14 @@ class IBAU(UniversalPerturbation):
     def relative_optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
         """The outer optimiser with ``relative_lr``: one parameter group per weight tensor of two
         or more dimensions, stepping ``relative_lr`` times its root mean square as it is now (the
-        model before unlearning), and one group of the other parameters (biases, normalisation
-        scales and shifts) at ``outer_lr``, first, so that ``param_groups[0]["lr"]`` stays
-        ``outer_lr``."""
-        rest = [p for p in params if p.dim() < 2]
-        groups = [{"params": rest, "lr": self.outer_lr}] if rest else []
-        with torch.no_grad():
-            for p in params:
-                if p.dim() >= 2:
-                    rms = float(p.detach().float().pow(2).mean().sqrt())
-                    groups.append({"params": [p], "lr": self.relative_lr * rms if rms > 0 else self.outer_lr})
+        model before unlearning; ``outer_lr`` for a tensor of zeros), after a group of the other
+        parameters (biases, normalisation scales and shifts; empty when there are none) at
+        ``outer_lr``, so that ``param_groups[0]["lr"]`` is always ``outer_lr`` (the guard's report)."""
+        groups = [{"params": [p for p in params if p.dim() < 2], "lr": self.outer_lr}]
+        for p in params:
+            if p.dim() >= 2:
+                rms = float(p.detach().float().pow(2).mean().sqrt())
+                groups.append({"params": [p], "lr": self.relative_lr * rms if rms > 0 else self.outer_lr})
         return make_optimizer(self.outer_optimizer, groups, lr=self.outer_lr, parameter="outer_optimizer")
 
     def trainable(self, net: nn.Module) -> list[Tensor]:
