@@ -17,6 +17,8 @@ all-reduce it across processes before an optimiser step).
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,6 +41,28 @@ def _grads(outputs, inputs, grad_outputs=None, *, retain_graph=False) -> TensorL
         allow_unused=True,
     )
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+
+
+def second_order_kernels() -> contextlib.AbstractContextManager:
+    """A context in which scaled-dot-product attention (``F.scaled_dot_product_attention``,
+    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``...) runs its math kernel: the fused
+    flash and memory-efficient kernels have no second derivatives, which the implicit
+    hypergradient takes through the fixed-point map. Nothing changes for models without attention."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _second_order_error(err: RuntimeError) -> InputError | None:
+    """The :class:`InputError` for a model operation without second derivatives, else ``None``."""
+    found = re.search(r"derivative for (\S+) is not implemented", str(err))
+    if found is None:
+        return None
+    return InputError(f"the model uses an operation without second derivatives ({found.group(1)}); I-BAU's implicit "
+                      "hypergradient differentiates the model twice: replace that operation (for example a fused or "
+                      "custom kernel) with one PyTorch can differentiate twice")
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -154,22 +178,34 @@ def implicit_grad(
     check_int("iters", iters, low=0)
     inner = [w.detach().requires_grad_(True) for w in inner]
     outer = list(outer)
+    try:
+        with torch.enable_grad(), second_order_kernels():
+            return _implicit_grad(outer_loss, fp_map, inner, outer, solve, iters, tol, reduce, return_loss)
+    except RuntimeError as err:
+        mapped_err = _second_order_error(err)
+        if mapped_err is None:
+            raise
+        raise mapped_err from err
+
+
+def _implicit_grad(outer_loss, fp_map, inner: TensorList, outer: TensorList, solve, iters: int, tol: float,
+                   reduce, return_loss: bool):
+    """:func:`implicit_grad`'s computation, its arguments checked."""
     n_in = len(inner)
-    with torch.enable_grad():
-        loss = outer_loss(inner, outer)
-        # One backward pass for both partial derivatives of the outer loss.
-        g_all = _grads(loss, inner + outer)
-        g_inner, g_outer = g_all[:n_in], g_all[n_in:]
-        mapped = list(fp_map(inner, outer))
-        if len(mapped) != n_in:
-            raise ValueError(f"fp_map returned {len(mapped)} tensors for {n_in} inner tensors")
+    loss = outer_loss(inner, outer)
+    # One backward pass for both partial derivatives of the outer loss.
+    g_all = _grads(loss, inner + outer)
+    g_inner, g_outer = g_all[:n_in], g_all[n_in:]
+    mapped = list(fp_map(inner, outer))
+    if len(mapped) != n_in:
+        raise ValueError(f"fp_map returned {len(mapped)} tensors for {n_in} inner tensors")
 
-        def jvp_t(v: TensorList) -> TensorList:  # (dPhi/dw)^T v
-            out = _grads(mapped, inner, v, retain_graph=True)
-            return out if reduce is None else reduce(out)
+    def jvp_t(v: TensorList) -> TensorList:  # (dPhi/dw)^T v
+        out = _grads(mapped, inner, v, retain_graph=True)
+        return out if reduce is None else reduce(out)
 
-        rhs = [g.detach() for g in g_inner]
-        v = solve(jvp_t, rhs if reduce is None else reduce(rhs), iters, tol)
-        mixed = _grads(mapped, outer, v)
+    rhs = [g.detach() for g in g_inner]
+    v = solve(jvp_t, rhs if reduce is None else reduce(rhs), iters, tol)
+    mixed = _grads(mapped, outer, v)
     grads = [go + m for go, m in zip(g_outer, mixed)]
     return (grads, loss.detach()) if return_loss else grads
