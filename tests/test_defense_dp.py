@@ -199,3 +199,71 @@ def test_dp_compatible_and_reinitialize_false():
     r2 = DPSGD(epochs=0, progress=False).fit(net, x, y)
     assert not torch.equal(r2.model[0].weight, net[0].weight)
     assert r2.extras["epsilon"] == 0.0 and r2.extras["steps"] == 0
+
+
+class _OwnParameterWithDropout(nn.Module):
+    """Holds a parameter itself (no per-sample rule in Opacus) and uses dropout in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, 1, 8, 8))
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.drop(x * self.scale).flatten(1))
+
+
+def test_dropout_in_a_module_with_its_own_parameters_is_an_input_error():
+    """Opacus re-runs such a module under vmap to get per-sample gradients, which cannot reproduce the
+    dropout draw: a clear InputError naming the module, not vmap's RuntimeError."""
+    from ibau.errors import InputError
+
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    with pytest.raises(InputError, match="DP-SGD cannot train this model.*the model itself.*dropout"):
+        DPSGD(epochs=1, batch_size=16, progress=False, seed=0).fit(_OwnParameterWithDropout(), x, y)
+    # without the dropout the same model trains
+    net = _OwnParameterWithDropout()
+    net.drop = nn.Identity()
+    out = DPSGD(epochs=1, batch_size=16, progress=False, seed=0).fit(net, x, y)
+    assert all(torch.isfinite(p).all() for p in out.model.parameters())
+
+
+class _InstanceNormInplace(nn.Module):
+    """InstanceNorm with running statistics and nn.ReLU(inplace=True): both made trainable by the fix."""
+
+    def __init__(self, functional_inplace=False):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 10)
+        self.functional_inplace = functional_inplace
+
+    def forward(self, x):
+        h = self.norm(self.conv(x))
+        h = torch.relu_(h) if self.functional_inplace else self.act(h)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_instance_norm_with_running_stats_and_inplace_activations_are_fixed():
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    model = _InstanceNormInplace()
+    fixed = dp_compatible(model)
+    assert not fixed.norm.track_running_stats and fixed.norm.running_mean is None
+    assert fixed.act.inplace is False and model.act.inplace is True and model.norm.track_running_stats
+    torch.testing.assert_close(fixed.norm.weight, model.norm.weight)
+    out = DPSGD(epochs=1, batch_size=16, progress=False, seed=0).fit(model, x, y)
+    assert all(torch.isfinite(p).all() for p in out.model.parameters())
+    assert any(r["name"] == "norm" for r in out.extras["replaced_modules"])
+
+
+def test_an_inplace_operation_in_forward_is_an_input_error():
+    from ibau.errors import InputError
+
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    with pytest.raises(InputError, match="overwrites a layer's output in place"):
+        DPSGD(epochs=1, batch_size=16, progress=False, seed=0).fit(_InstanceNormInplace(functional_inplace=True), x, y)

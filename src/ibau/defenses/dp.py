@@ -38,6 +38,22 @@ def _group_norm_for(bn: nn.modules.batchnorm._BatchNorm) -> nn.GroupNorm:
     return gn.to(ref.device, ref.dtype) if ref is not None else gn
 
 
+def _instance_norm_without_stats(norm: nn.modules.instancenorm._InstanceNorm) -> nn.Module:
+    """An InstanceNorm that tracked running statistics, without them (what Opacus's fix intends; its own
+    fix only clears the flag and leaves the buffers, which its validation then refuses): the same
+    normalisation in training, per-image statistics in evaluation too. Same affine parameters."""
+    new = type(norm)(norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                     track_running_stats=False)
+    ref = next(iter([*norm.parameters(), *norm.buffers()]), None)
+    if ref is not None:
+        new = new.to(ref.device, ref.dtype)
+    if norm.affine:
+        with torch.no_grad():
+            new.weight.copy_(norm.weight)
+            new.bias.copy_(norm.bias)
+    return new
+
+
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -66,6 +82,8 @@ def _fix(model: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
         new = None
         if isinstance(sub, nn.modules.batchnorm._BatchNorm):
             new = _group_norm_for(sub)
+        elif isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats:
+            new = _instance_norm_without_stats(sub)
         elif type(sub) in ModuleValidator.FIXERS and any(p.requires_grad for p in sub.parameters(recurse=False)):
             new = ModuleValidator.FIXERS[type(sub)](sub)
             ref = next(iter(sub.parameters()), None)
@@ -74,6 +92,11 @@ def _fix(model: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
         if new is not None:
             _replace(fixed, name, new)
             replaced.append({"name": name, "before": repr(sub), "after": repr(new)})
+    for sub in fixed.modules():
+        # Opacus's backward hooks see a module's output as a view: an activation that then overwrites it in place
+        # (nn.ReLU(inplace=True)...) fails in the backward pass; the out-of-place form computes the same function
+        if getattr(sub, "inplace", False) is True:
+            sub.inplace = False
     was = fixed.training
     errors = ModuleValidator.validate(fixed.train(), strict=False)
     fixed.train(was)
@@ -81,6 +104,20 @@ def _fix(model: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
         raise InputError("the model cannot be trained with DP-SGD even after replacing its BatchNorm layers: "
                          + "; ".join(str(e) for e in errors))
     return fixed, replaced
+
+
+def _random_functorch_error(net: nn.Module) -> str:
+    """Why DP-SGD cannot train ``net``: a module holding its own parameters, with no per-sample gradient rule
+    in Opacus, draws random numbers (dropout) in its forward."""
+    from opacus.grad_sample import GradSampleModule
+
+    own = [name or "the model itself" for name, m in net.named_modules()
+           if type(m) not in GradSampleModule.GRAD_SAMPLERS and any(True for _ in m.parameters(recurse=False))]
+    return ("DP-SGD cannot train this model: Opacus computes the per-sample gradients of modules that hold "
+            f"parameters directly and have no per-sample rule ({', '.join(own) or 'none found'}) by running "
+            "their forward again, and one of them draws random numbers there (dropout), which that re-run "
+            "cannot reproduce; move those parameters into a submodule (e.g. nn.Linear, nn.Conv2d) or the "
+            "dropout out of that module")
 
 
 def dp_compatible(model: nn.Module) -> nn.Module:
@@ -288,10 +325,13 @@ class DPSGD(Defense):
                     generator=torch.Generator().manual_seed(seeds[1]))
                 engine = PrivacyEngine(accountant=self.accountant)
                 noise_gen = torch.Generator(device=device).manual_seed(seeds[2])
-                gsm, dp_opt, dp_loader = engine.make_private(
-                    module=net, optimizer=opt, data_loader=loader, noise_multiplier=self.noise_multiplier,
-                    max_grad_norm=self.max_grad_norm, poisson_sampling=self.poisson_sampling,
-                    noise_generator=noise_gen)
+                try:
+                    gsm, dp_opt, dp_loader = engine.make_private(
+                        module=net, optimizer=opt, data_loader=loader, noise_multiplier=self.noise_multiplier,
+                        max_grad_norm=self.max_grad_norm, poisson_sampling=self.poisson_sampling,
+                        noise_generator=noise_gen)
+                except NotImplementedError as err:  # Opacus's validation of the layers
+                    raise InputError(f"DP-SGD (Opacus) cannot train this model: {err}") from err
                 sample_rate = 1 / len(loader)
                 extras.update(
                     replaced_modules=replaced, architecture_changed=bool(replaced),
@@ -328,6 +368,14 @@ class DPSGD(Defense):
                                       steps=steps)
                         finally:
                             _set_global_rng_state(device, rng)
+                except RuntimeError as err:
+                    if "vmap: called random operation" in str(err):
+                        raise InputError(_random_functorch_error(net)) from err
+                    if "BackwardHookFunction is a view and is being modified inplace" in str(err):
+                        raise InputError("DP-SGD cannot train this model: its forward overwrites a layer's output in "
+                                         "place (e.g. F.relu(x, inplace=True), x += y or x.add_(...)), which Opacus's "
+                                         "per-sample gradient hooks do not allow; use the out-of-place form") from err
+                    raise
                 finally:
                     dp_opt.zero_grad(set_to_none=True)
                     gsm.cleanup()
