@@ -123,8 +123,10 @@ def _random_functorch_error(net: nn.Module) -> str:
 def dp_compatible(model: nn.Module) -> nn.Module:
     """The architecture :class:`DPSGD` trains: a deep copy of ``model`` with every
     BatchNorm replaced by ``GroupNorm(gcd(32, C), C)`` (Opacus's ``ModuleValidator.fix``
-    rule; other modules Opacus knows how to fix are replaced the same way). ``model``
-    itself is not changed.
+    rule; other modules Opacus knows how to fix are replaced the same way; an InstanceNorm
+    that tracks running statistics becomes one that does not, and activations that work
+    in place (``nn.ReLU(inplace=True)``...) work out of place, which Opacus's hooks need).
+    ``model`` itself is not changed.
 
     Use it to rebuild a DP-trained model from saved weights::
 
