@@ -48,3 +48,16 @@ def test_asr_needs_non_target_images():
     x, y = data()
     with pytest.raises(ValueError, match="no image"):
         attack_success_rate(Oracle(), x[:1], y[:1], badnets_square(), 0)
+
+
+def test_near_chance_warning():
+    from ibau.metrics import NEAR_CHANCE, near_chance_warning
+
+    balanced = torch.arange(10).repeat(10)  # 10 classes, 10% each
+    assert near_chance_warning(0.9, balanced) is None
+    assert near_chance_warning(0.1 + NEAR_CHANCE * 0.9, balanced) is None  # at the limit: fine
+    msg = near_chance_warning(0.15, balanced)
+    assert msg is not None and "15.0%" in msg and "10.0%" in msg and "--normalize" in msg
+    skewed = torch.tensor([0] * 80 + [1] * 10 + [2] * 10)  # always answering 0 gives 80%
+    assert near_chance_warning(0.81, skewed) is not None and near_chance_warning(0.9, skewed) is None
+    assert near_chance_warning(0.0, torch.tensor([], dtype=torch.long)) is None

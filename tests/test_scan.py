@@ -51,6 +51,43 @@ def test_scan_names_the_target_of_a_planted_backdoor_and_passes_a_clean_model(sc
     assert res.score > 1.5 * clean.score
 
 
+def test_a_model_that_does_not_recognise_the_data_gets_a_warning(scans, files, tmp_path, capsys):
+    """The trained digits models recognise their clean images (no warning); the same model fed images it
+    was not trained on (inverted, as a wrong normalisation would) is near chance: the verdict comes with a
+    warning in the result, the JSON report, report.md and on the terminal."""
+    for kind in ("one_target", "clean"):
+        _, res = scans[kind]
+        assert res.clean_accuracy > 0.9 and res.warnings == []
+        assert res.as_dict()["warnings"] == [] and res.as_dict()["clean_accuracy"] == res.clean_accuracy
+    d = toy.digits_backdoor("clean")
+    wrong = ibau.scan(d["model"], 1 - d["x_clean"], d["y_clean"], seed=0, steps=30, progress=False)
+    assert wrong.clean_accuracy < 0.2
+    assert len(wrong.warnings) == 1 and "does not recognise the data" in wrong.warnings[0]
+    # the CLI prints it after the verdict and writes it to both reports
+    data = np.load(files / "clean.npz")
+    np.savez(tmp_path / "inverted.npz", x=255 - data["x"], y=data["y"])
+    code = main(["scan", "--model-def", f"{files / 'model_def.py'}:digits_vgg", "--weights",
+                 str(files / "clean.safetensors"), "--data", str(tmp_path / "inverted.npz"), "--quiet", "--steps", "30",
+                 "--report", str(tmp_path / "r.json"), "--report-dir", str(tmp_path / "rep")])
+    assert code in (0, 1)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("warning: the model classifies only")
+    assert "does not recognise" in json.loads((tmp_path / "r.json").read_text())["warnings"][0]
+    assert "**Warning:** the model classifies only" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_defense_reports_warn_when_the_model_does_not_recognise_the_clean_set():
+    """Every job's report (``base_report``) carries the same warning, measured on the held-out images."""
+    from ibau.defend import defend
+
+    d = toy.digits_backdoor("clean")
+    ok = defend(copy.deepcopy(d["model"]), d["x_clean"], d["y_clean"], "naive_uap", seed=0, progress=False)
+    assert not any("does not recognise" in w for w in ok.report["warnings"])
+    bad = defend(copy.deepcopy(d["model"]), 1 - d["x_clean"], d["y_clean"], "naive_uap", seed=0, progress=False)
+    assert bad.report["clean_accuracy_before"] < 0.2
+    assert any("does not recognise" in w for w in bad.report["warnings"])
+
+
 def test_scan_is_seeded_and_leaves_the_model_alone():
     d = toy.digits_backdoor("one_target")
     before = {k: v.clone() for k, v in d["model"].state_dict().items()}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["predict", "clean_accuracy", "attack_success_rate", "robust_accuracy", "backdoor_metrics", "model_device"]
+__all__ = ["predict", "clean_accuracy", "near_chance_warning", "attack_success_rate", "robust_accuracy", "backdoor_metrics", "model_device"]
 
 TargetSpec = int | Callable[[Tensor], Tensor]
 
@@ -59,6 +59,31 @@ def clean_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 
     """Fraction of ``x`` classified as ``y``."""
     y = torch.as_tensor(y).long()
     return float((predict(model, x, batch_size=batch_size) == y).float().mean())
+
+
+#: share of the way from always answering the most common label to perfect accuracy under which a model is
+#: said not to recognise the data (:func:`near_chance_warning`)
+NEAR_CHANCE = 0.1
+
+
+def near_chance_warning(accuracy: float, y: Tensor) -> str | None:
+    """A warning when ``accuracy`` on images labelled ``y`` is barely above always answering their most
+    common label (less than :data:`NEAR_CHANCE` of the way from that share to 100%), else ``None``.
+
+    A model that does not recognise the user's clean images is almost always a setup error (inputs
+    normalised differently, another class order, channels swapped), not a backdoor: every universal
+    perturbation and reversed trigger then looks like one, and unlearning has nothing to keep.
+    """
+    y = torch.as_tensor(y).long()
+    if len(y) == 0:
+        return None
+    common = float(torch.bincount(y).max()) / len(y)
+    if accuracy >= common + NEAR_CHANCE * (1 - common):
+        return None
+    return (f"the model classifies only {accuracy:.1%} of the clean images correctly (always answering their most "
+            f"common label would give {common:.1%}): check that the images are prepared as the model expects "
+            "(--normalize, channel order, size) and that the labels use the model's class order; scans and "
+            "unlearning mean nothing on a model that does not recognise the data")
 
 
 def attack_success_rate(model: nn.Module, x: Tensor, y: Tensor, trigger: Callable[[Tensor], Tensor],

@@ -42,7 +42,7 @@ from .defenses._common import mad_anomaly_index
 from .defenses.neural_cleanse import MaskTrigger
 from .defenses.base import _wrap, check_images, check_labels
 from .errors import InputError, check_choice, check_int, check_number
-from .metrics import model_device
+from .metrics import model_device, near_chance_warning
 from .models.fuse import fold_batchnorm
 from .precision import PRECISIONS, arithmetic as _arithmetic, with_precision
 from .perturbation import check_normalize
@@ -59,7 +59,10 @@ class ScanResult:
     empty when none is found; ``per_class``: one dict per scanned class (mask norm, attack
     success of its reversed stamp, anomaly index...); ``triggers``: class -> ``{"mask":
     (1, H, W), "pattern": (C, H, W)}`` for the suspected classes (all classes with
-    ``keep_all_triggers``); ``seconds``; ``config``: the scanner's settings.
+    ``keep_all_triggers``); ``seconds``; ``config``: the scanner's settings; ``clean_accuracy``:
+    the model's accuracy on the images the stamps were tried on (``None`` when none were);
+    ``warnings``: e.g. that the model does not recognise the clean images, when the verdict means
+    nothing.
     """
 
     backdoored: bool
@@ -71,6 +74,8 @@ class ScanResult:
     method: str
     config: dict[str, Any] = field(default_factory=dict)
     triggers: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    clean_accuracy: float | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def flagged_triggers(self) -> dict[int, dict[str, Tensor]]:
         """The reversed triggers of the flagged classes (empty when none is flagged)."""
@@ -80,7 +85,8 @@ class ScanResult:
         """Everything but the trigger tensors, as plain JSON-able data."""
         return {"backdoored": self.backdoored, "score": self.score, "threshold": self.threshold,
                 "target_classes": list(self.target_classes), "per_class": self.per_class,
-                "seconds": self.seconds, "method": self.method, "config": self.config}
+                "seconds": self.seconds, "method": self.method, "config": self.config,
+                "clean_accuracy": self.clean_accuracy, "warnings": list(self.warnings)}
 
     def summary(self) -> str:
         """One line: verdict, suspected target class(es), score, seconds."""
@@ -216,7 +222,7 @@ class MaskScan:
         for p in base.parameters():
             p.requires_grad_(False)
         try:
-            norms, reached, rates, tensors, explored, kept = self._search(net, x, y, num_classes, tqdm)
+            norms, reached, rates, tensors, explored, kept, accuracy = self._search(net, x, y, num_classes, tqdm)
         finally:
             for p, f in zip(base.parameters(), flags):
                 p.requires_grad_(f)
@@ -231,10 +237,12 @@ class MaskScan:
                       "explore_l1": explored[k], "anomaly_index": index[k], "kept": k in kept}
                      for k in range(num_classes)]
         suspects = targets or ranked[:1]
+        chance = None if accuracy is None else near_chance_warning(accuracy, y)
         return ScanResult(backdoored=bool(targets), score=float(score), threshold=self.threshold,
                           target_classes=targets, per_class=per_class, seconds=time.perf_counter() - t0,
                           method=self.name, config={**self.config(), "arithmetic": _arithmetic(self.precision, device)},
-                          triggers={k: tensors[k] for k in suspects})
+                          triggers={k: tensors[k] for k in suspects}, clean_accuracy=accuracy,
+                          warnings=[chance] if chance else [])
 
     def _search(self, net: nn.Module, x: Tensor, y: Tensor, num_classes: int, tqdm):
         device = model_device(net)
@@ -301,6 +309,10 @@ class MaskScan:
         tensors, rates = {}, []
         pick = torch.randperm(len(x), generator=g)[:self.success_images]
         xs, ys = x[pick].to(device, dtype), y[pick].to(device)
+        accuracy = None
+        if self.success_images:
+            with torch.no_grad():
+                accuracy = float((net(xs).argmax(1) == ys).float().mean())
         for k in range(k_all):
             mr, pr = best_state[k] if best_state[k] is not None else (m_raw[k].detach(), p_raw[k].detach())
             stamp = MaskTrigger(_unit(mr), _unit(pr))
@@ -312,7 +324,7 @@ class MaskScan:
             with torch.no_grad():
                 out = net(stamp(xs[keep])).argmax(1) if bool(keep.any()) else None
             rates.append(float((out == k).float().mean()) if out is not None else 0.0)
-        return norms, reached, rates, tensors, explored, active.tolist()
+        return norms, reached, rates, tensors, explored, active.tolist(), accuracy
 
 
 #: name -> scanner class (``scan(method=...)``)

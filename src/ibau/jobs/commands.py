@@ -449,7 +449,7 @@ def scan_job(model: ModelSource, data: DataSource, *, report: Path | None = None
     result = scan(inputs.model, inputs.x, inputs.y, seed=seed, progress=progress, **settings)
     rep = {**result.as_dict(), "inputs": inputs.info, "versions": environment()}
     written = Written(report=rep)
-    written.lines = [result.summary()]
+    written.lines = [result.summary()] + [f"warning: {w}" for w in result.warnings]
     written.status = 1 if result.backdoored else 0
     if not _is_main():
         return written

@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..metrics import near_chance_warning
 
 __all__ = ["REPORT_SCHEMA_VERSION", "JobResult", "settings_of", "check_settings", "defense_class", "make_defense", "split_holdout",
            "Measured", "run_measured", "accuracy_warnings", "base_report", "ACCURACY_WARNING_DROP"]
@@ -142,6 +143,7 @@ class Measured:
     keep_idx: Tensor
     hold_idx: Tensor
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def run_measured(defense, model: nn.Module, x: Tensor, y: Tensor, *, holdout: float | int, seed: int,
@@ -176,8 +178,9 @@ def run_measured(defense, model: nn.Module, x: Tensor, y: Tensor, *, holdout: fl
     if after_fit is not None:
         after_fit(result)
     acc_after = holdout_accuracy(wrap(result.model), x_hold, y_hold)
+    chance = near_chance_warning(acc_before, y_hold)
     return Measured(result=result, acc_before=acc_before, acc_after=acc_after, keep_idx=keep_idx,
-                    hold_idx=hold_idx, seconds=time.perf_counter() - t_start)
+                    hold_idx=hold_idx, seconds=time.perf_counter() - t_start, warnings=[chance] if chance else [])
 
 
 def accuracy_warnings(acc_before: float, acc_after: float, limit: float = ACCURACY_WARNING_DROP) -> list[str]:
@@ -197,7 +200,7 @@ def base_report(run: Measured, *, config: dict[str, Any], warnings: list[str] = 
         "clean_accuracy_after": run.acc_after,
         "holdout_size": len(run.hold_idx),
         **fields,
-        "warnings": accuracy_warnings(run.acc_before, run.acc_after) + list(warnings),
+        "warnings": run.warnings + accuracy_warnings(run.acc_before, run.acc_after) + list(warnings),
         "config": config,
         "environment": environment(),
     }
