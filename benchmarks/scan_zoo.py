@@ -35,9 +35,12 @@ RESULTS = ROOT / "results" / "scan_zoo"
 REPORT = ROOT / "results" / "scan_zoo.md"
 
 
-def _results(precision: str, mask_tv: float = 0.0, explore_images: int | None = None, steps: int | None = None) -> Path:
-    """Where the scans of one precision (and mask_tv, explore_images, steps) are kept (float32: ``scan_zoo/``)."""
+def _results(precision: str, mask_tv: float = 0.0, explore_images: int | None = None, steps: int | None = None,
+             prior_correction: bool = False) -> Path:
+    """Where the scans of one precision (and mask_tv, explore_images, steps, prior_correction) are kept
+    (float32: ``scan_zoo/``)."""
     name = "scan_zoo" + ("" if precision == "fp32" else f"_{precision}") + (f"_tv{mask_tv:g}" if mask_tv else "") \
+        + ("_pc" if prior_correction else "") \
         + (f"_e{explore_images}" if explore_images is not None else "") + (f"_s{steps}" if steps is not None else "")
     return RESULTS.with_name(name)
 
@@ -111,7 +114,7 @@ def scan(args) -> None:
 
     torch.set_num_threads(args.threads)
     settings, models = _zoo(args.data_dir, args.cache)
-    results = _results(args.precision, args.mask_tv, args.explore_images, args.steps)
+    results = _results(args.precision, args.mask_tv, args.explore_images, args.steps, args.prior_correction)
     results.mkdir(parents=True, exist_ok=True)
     for name, entry in models.items():
         if args.only and name not in args.only:
@@ -132,7 +135,7 @@ def scan(args) -> None:
             measured = {"acc": clean_accuracy(model, xe, ye), "asr": None}
         t0 = time.perf_counter()
         result = ibau.scan(model, xc, yc, seed=args.seed, progress=not args.quiet, precision=args.precision,
-                           mask_tv=args.mask_tv,
+                           mask_tv=args.mask_tv, **({"prior_correction": True} if args.prior_correction else {}),
                            **({} if args.explore_images is None else {"explore_images": args.explore_images}),
                            **({} if args.steps is None else {"steps": args.steps}))
         seconds = time.perf_counter() - t0
@@ -420,6 +423,8 @@ def main() -> None:
                    help="scan: MaskScan's explore_images (results in scan_zoo[_bf16]..._e<value>/ when given)")
     p.add_argument("--steps", type=int, default=None,
                    help="scan: MaskScan's steps (a third of them exploring; results in scan_zoo[_bf16]..._s<value>/ when given)")
+    p.add_argument("--prior-correction", action="store_true",
+                   help="scan: MaskScan's prior_correction (results in scan_zoo[_bf16]..._pc/)")
     args = p.parse_args()
     {"train": train, "scan": scan, "unlearn": unlearn_scan, "time": time_alone, "report": report}[args.action](args)
 

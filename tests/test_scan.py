@@ -107,9 +107,13 @@ def test_scan_without_success_rates_is_the_same_search():
     a = ibau.scan(d["model"], d["x_clean"], d["y_clean"], seed=3, steps=60, progress=False)
     b = ibau.scan(d["model"], d["x_clean"], d["y_clean"], seed=3, steps=60, progress=False, success_images=0)
     assert (a.backdoored, a.score, a.target_classes) == (b.backdoored, b.score, b.target_classes)
-    assert [{k: v for k, v in r.items() if k != "success"} for r in a.per_class] == \
-        [{k: v for k, v in r.items() if k != "success"} for r in b.per_class]
-    assert all(r["success"] is None for r in b.per_class) and all(0 <= r["success"] <= 1 for r in a.per_class)
+    measured = ("success", "predicted_share", "label_share")  # on the success images
+    assert [{k: v for k, v in r.items() if k not in measured} for r in a.per_class] == \
+        [{k: v for k, v in r.items() if k not in measured} for r in b.per_class]
+    assert all(r[k] is None for r in b.per_class for k in measured) and b.clean_accuracy is None
+    assert all(0 <= r["success"] <= 1 for r in a.per_class)
+    assert sum(r["predicted_share"] for r in a.per_class) == pytest.approx(1)
+    assert sum(r["label_share"] for r in a.per_class) == pytest.approx(1)
     assert all(torch.equal(a.triggers[k][t], b.triggers[k][t]) for k in a.triggers for t in ("mask", "pattern"))
     with pytest.raises(InputError, match="success_images"):
         MaskScan(success_images=-1)
@@ -261,3 +265,47 @@ def test_zoo_benchmark_measures():
     # 5% of 20 = one false positive allowed: the threshold is the second highest clean score (1.18)
     assert zoo._tpr_at([1.185, 1.5, 0.5, 1.0], neg, 0.05) == 0.5
     assert zoo._tpr_at([2.0], [1.0], 0.05) == 1.0 and zoo._tpr_at([0.5], [1.0], 0.05) == 0.0
+
+
+def _biased(model, k, shift):
+    """``model`` answering class ``k`` more often: ``shift`` added to its last layer's bias for ``k``."""
+    out = copy.deepcopy(model)
+    last = [m for m in out.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias[k] += shift
+    return out
+
+
+def test_a_class_bias_looks_like_a_backdoor_and_prior_correction_takes_it_out(scans):
+    """A clean model with a class-3 logit bias (it then answers 3 for ~27% of the images, labelled 11%)
+    is flagged by the plain search, with the over-prediction warning; with prior_correction the bias is
+    estimated from the clean images and taken out: not flagged; the planted backdoor still is."""
+    d, _ = scans["clean"]
+    biased = _biased(d["model"], 3, 8.0)
+    plain = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False)
+    assert plain.backdoored and plain.target_classes == [3]
+    row = plain.per_class[3]
+    assert row["predicted_share"] >= 2 * row["label_share"] and row["prior_offset"] is None
+    assert any(w.startswith("class 3 is the model's answer for") for w in plain.warnings)
+    fixed = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False, prior_correction=True)
+    assert not fixed.backdoored and fixed.score < fixed.threshold
+    assert fixed.per_class[3]["prior_offset"] == max(r["prior_offset"] for r in fixed.per_class) > 4
+    assert fixed.per_class[3]["predicted_share"] == row["predicted_share"]  # the model as given
+    b, _ = scans["one_target"]
+    found = ibau.scan(b["model"], b["x_clean"], b["y_clean"], seed=0, steps=STEPS, progress=False, prior_correction=True)
+    assert found.backdoored and found.target_classes == [b["target"]]
+
+
+def test_prior_offsets_match_the_label_shares():
+    from ibau.scanning import _Shifted, prior_offsets
+
+    d = toy.digits_backdoor("clean")
+    biased = _biased(d["model"], 3, 8.0).eval()
+    b = prior_offsets(biased, d["x_clean"], d["y_clean"], 10)
+    assert abs(float(b.sum())) < 1e-4
+    with torch.no_grad():
+        p = torch.softmax(_Shifted(biased, b)(d["x_clean"]).double(), 1).mean(0)
+    share = torch.bincount(d["y_clean"], minlength=10).double() / len(d["y_clean"])
+    torch.testing.assert_close(p, share, atol=1e-4, rtol=0)
+    with pytest.raises(InputError, match="prior_correction"):
+        MaskScan(prior_correction="yes")
