@@ -282,18 +282,18 @@ def test_a_class_bias_looks_like_a_backdoor_and_prior_correction_takes_it_out(sc
     estimated from the clean images and taken out: not flagged; the planted backdoor still is."""
     d, _ = scans["clean"]
     biased = _biased(d["model"], 3, 8.0)
-    plain = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False)
+    plain = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False, prior_correction=False)
     assert plain.backdoored and plain.target_classes == [3]
     row = plain.per_class[3]
     assert row["predicted_share"] >= 2 * row["label_share"] and row["prior_offset"] is None
     assert any(w.startswith("class 3 is the model's answer for") for w in plain.warnings)
-    fixed = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False, prior_correction=True)
+    fixed = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False)  # the default
     assert not fixed.backdoored and fixed.score < fixed.threshold
     assert fixed.per_class[3]["prior_offset"] == max(r["prior_offset"] for r in fixed.per_class) > 4
     assert fixed.per_class[3]["predicted_share"] == row["predicted_share"]  # the model as given
     b, _ = scans["one_target"]
-    found = ibau.scan(b["model"], b["x_clean"], b["y_clean"], seed=0, steps=STEPS, progress=False, prior_correction=True)
-    assert found.backdoored and found.target_classes == [b["target"]]
+    _, found = scans["one_target"]  # the default scan
+    assert found.config["prior_correction"] and found.backdoored and found.target_classes == [b["target"]]
 
 
 def test_prior_offsets_match_the_label_shares():

@@ -214,7 +214,11 @@ class MaskScan:
             Menon et al., ICLR 2021): a model biased towards a class (an under-trained one that answers
             it for a quarter of the images) reaches it with a small stamp for that reason alone, which
             looks like a backdoor; a backdoor is a response to the stamp, not a bias, and stays. The
-            offsets are reported per class (``prior_offset``).
+            offsets are reported per class (``prior_offset``). On by default: on the zoo (bf16) it took
+            the one clean model flagged (1/8 -> 0/8) off, kept every named target and raised the AUROC
+            from 0.958 to 0.967 (``benchmarks/results/scan_zoo.md``). I-BAU's own scan for its stamps
+            leaves it off unless its ``reversed_scan`` settings say otherwise (:class:`ibau.IBAU`);
+            the default recipe's say so.
         precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:mod:`ibau.precision`): the model's
             passes under bfloat16 autocast; ``"auto"`` (default) where the device computes
             bf16 natively. On the zoo, bf16 scans gave the same AUROC (0.958) in less than
@@ -228,7 +232,7 @@ class MaskScan:
                  explore_images: int = 240,
                  lr: float = 0.1, init_cost: float = 1e-3, cost_multiplier: float = 1.5, patience: int = 10,
                  success: float = 0.9, threshold: float = 2.0, mask_tv: float = 0.0, success_images: int = 500,
-                 prior_correction: bool = False, normalize: tuple | None = None, seed: int = 0, precision: str = "auto",
+                 prior_correction: bool = True, normalize: tuple | None = None, seed: int = 0, precision: str = "auto",
                  progress: bool = True):
         self.steps = check_int("steps", steps, low=3)
         explore_steps = steps // 3 if explore_steps is None else explore_steps
