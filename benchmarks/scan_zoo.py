@@ -396,6 +396,16 @@ def report(args) -> None:
                           "`steps=150` (50 exploring, 100 on the kept classes; `python benchmarks/scan_zoo.py scan "
                           "--precision bf16 --steps 150`, JSON in `benchmarks/results/scan_zoo_bf16_s150/`; run alone, "
                           "while the 300-step scans shared the cores: compare the seconds with the timing table above)")
+    prior = _load_dir(_results("bf16", prior_correction=True))
+    if prior:
+        lines += _compare([bf16[m] for m in sorted(bf16)], prior, "as given", "prior_correction",
+                          "## The class prior taken out: `prior_correction=True` (issue 14), bfloat16",
+                          "`prior_correction=True` (`python benchmarks/scan_zoo.py scan --precision bf16 "
+                          "--prior-correction`, JSON in `benchmarks/results/scan_zoo_bf16_pc/`): the search runs on the "
+                          "logits minus per-class offsets that make the mean predicted probabilities on the clean "
+                          "images match the label shares. The clean PreAct answers class 9 for 24% of its clean "
+                          "images (labelled 9%); every flagged backdoor target of the zoo is predicted 0.7-1.4x its "
+                          "label share")
     lines.append("")
     tmp = REPORT.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))

@@ -21,6 +21,10 @@ its own trigger, on test images the command never saw. Cases:
 * ``cifar10_corner_patch``: the same with a 4x4 patch of fixed random primary colours near the top-right
   corner (rows 1-4, columns 27-30) -> class 7 (horse); flips move it to the top-left in training.
 
+``--arch tiny_vit`` / ``--arch mobile_net`` run the same cases on the two other networks of
+``benchmarks/unseen/`` (a small vision transformer; a MobileNet-style network of depthwise-separable
+convolutions with BatchNorm), trained the same way; their files are named ``ARCH-CASE...``.
+
 Trained weights go to ``--cache`` (default ``/tmp/ibau-unseen``), one file per case, retrained when
 absent (seeded: the same weights on one machine). Needs ``../shared/data`` (``--data-dir``).
 """
@@ -46,6 +50,11 @@ DEFAULT_DATA = Path(os.environ.get("IBAU_SHARED_DATA", BENCH.parents[1] / "share
 RESULTS = BENCH / "results" / "unseen_models"
 sys.path.insert(0, str(BENCH / "unseen"))
 import gn_resnet  # noqa: E402
+import mobile_net  # noqa: E402
+import tiny_vit  # noqa: E402
+
+#: the architectures (files in benchmarks/unseen/, each with build(num_classes)); gn_resnet is the first one
+ARCHS = {"gn_resnet": gn_resnet, "tiny_vit": tiny_vit, "mobile_net": mobile_net}
 
 
 def _load(path: Path, name: str) -> torch.Tensor:
@@ -62,8 +71,8 @@ def _plus() -> torch.Tensor:
 class Case:
     """One model: its data, its trigger, its training."""
 
-    def __init__(self, name: str, data: Path):
-        self.name, self.data = name, data
+    def __init__(self, name: str, data: Path, arch: str = "gn_resnet"):
+        self.name, self.data, self.arch = name, data, arch
         if name == "gtsrb_plus":
             d = data / "gtsrb32"
             self.classes, self.target, self.epochs, self.shift, self.flip = 43, 12, 5, 2, False
@@ -106,7 +115,7 @@ class Case:
         n = len(x)
         poison = torch.randperm(n, generator=g)[: n // 10]
         x[poison], y[poison] = self.stamp(x[poison]), self.target
-        net = gn_resnet.build(self.classes)
+        net = ARCHS[self.arch].build(self.classes)
         opt = torch.optim.Adam(net.parameters(), 2e-3)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=self.epochs * ((n + 127) // 128))
         for epoch in range(self.epochs):
@@ -138,10 +147,10 @@ class Case:
         return {"acc": acc, "asr": asr}
 
 
-def _weights(path: Path, classes: int):
+def _weights(path: Path, classes: int, arch: str):
     from safetensors.torch import load_file
 
-    net = gn_resnet.build(classes)
+    net = ARCHS[arch].build(classes)
     net.load_state_dict(load_file(str(path)))
     return net
 
@@ -157,18 +166,19 @@ def run(args) -> None:
         raise SystemExit("--options needs --label (the variant's name; its files go to a folder of that name)")
     results = RESULTS / args.label if extra else RESULTS
     results.mkdir(parents=True, exist_ok=True)
+    prefix = "" if args.arch == "gn_resnet" else f"{args.arch}-"  # the first architecture's files keep their names
     for name in args.cases:
-        case = Case(name, args.data_dir)
-        weights = args.cache / f"{name}.safetensors"
+        case = Case(name, args.data_dir, args.arch)
+        weights = args.cache / f"{prefix}{name}.safetensors"
         if not weights.exists():
             case.train(weights)
-        before = case.measure(_weights(weights, case.classes))
+        before = case.measure(_weights(weights, case.classes, args.arch))
         for size in args.sizes:
-            work = args.cache / f"{name}-{size}"
+            work = args.cache / f"{prefix}{name}-{size}"
             work.mkdir(parents=True, exist_ok=True)
             x, y = case.clean[size]
             np.savez(work / "clean.npz", x=(x * 255).round().byte().permute(0, 2, 3, 1).numpy(), y=y.numpy())
-            cmd = [sys.executable, "-m", "ibau", "unlearn", "--model-def", f"{BENCH / 'unseen' / 'gn_resnet.py'}:build",
+            cmd = [sys.executable, "-m", "ibau", "unlearn", "--model-def", f"{BENCH / 'unseen' / args.arch}.py:build",
                    "--num-classes", str(case.classes), "--weights", str(weights), "--data", str(work / "clean.npz"),
                    "--out", str(work / "out.safetensors"), "--report", str(work / "report.json"), "--seed", "0",
                    "--quiet", "--force", *extra]
@@ -177,9 +187,9 @@ def run(args) -> None:
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise SystemExit(f"{name} {size}: ibau unlearn failed:\n{proc.stderr}")
-            after = case.measure(_weights(work / "out.safetensors", case.classes))
+            after = case.measure(_weights(work / "out.safetensors", case.classes, args.arch))
             report = json.loads((work / "report.json").read_text())
-            record = {"case": name, "clean_size": size, "command": " ".join(["ibau"] + cmd[3:]), "before": before,
+            record = {"case": name, "arch": args.arch, "clean_size": size, "command": " ".join(["ibau"] + cmd[3:]), "before": before,
                       "after": after, "wall_seconds": wall, "summary": proc.stderr.strip().splitlines()[:4],
                       "rounds": report["rounds"], "stop_reason": report["stop_reason"],
                       "scan_before": _verdict(report["scan_before"]), "scan_after": _verdict(report["scan_after"]),
@@ -187,24 +197,28 @@ def run(args) -> None:
                       "environment": report["environment"], "threads": args.threads}
             if extra:
                 record.update(variant=args.label, options=extra)
-            (results / f"{name}-{size}.json").write_text(json.dumps(record, indent=1) + "\n")
-            print(f"{name} {size}: ACC {100 * before['acc']:.1f} -> {100 * after['acc']:.1f}, "
+            (results / f"{prefix}{name}-{size}.json").write_text(json.dumps(record, indent=1) + "\n")
+            print(f"{args.arch} {name} {size}: ACC {100 * before['acc']:.1f} -> {100 * after['acc']:.1f}, "
                   f"ASR {100 * before['asr']:.1f} -> {100 * after['asr']:.1f} ({wall:.0f} s)", flush=True)
     report_md()
 
 
 def report_md() -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    rows = sorted((json.loads(p.read_text()) for p in RESULTS.glob("*.json")),
+                  key=lambda r: (list(ARCHS).index(r.get("arch", "gn_resnet")), r["case"], r["clean_size"]))
     targets = {2500: (0.10, 0.015), 1000: (0.20, 0.03)}
     lines = ["# The default command on models the package has never seen (issue 13)", "",
              f"Generated by `python benchmarks/unseen_models.py report` from {len(rows)} JSON files in "
-             "`benchmarks/results/unseen_models/`. A GroupNorm residual network the package does not ship "
-             "(`benchmarks/unseen/gn_resnet.py`, given as `--model-def`), triggers the package does not generate, "
-             "lossless clean images the model never saw; ACC / ASR measured by the script with its own trigger on "
-             "test images the command never saw. The command: `ibau unlearn --model-def gn_resnet.py:build "
-             "--num-classes N --weights W --data clean.npz --out O --report R --seed 0` (its defaults).", "",
-             "| case | clean images | ACC before -> after (%) | drop (points) | ASR before -> after (%) | target met | "
-             "scan before / after | rounds, stop | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+             "`benchmarks/results/unseen_models/`. Networks the package does not ship, each given as `--model-def` "
+             "(`benchmarks/unseen/`): `gn_resnet` (residual, GroupNorm, SiLU), `tiny_vit` (a small vision "
+             "transformer: patch embedding, four pre-norm self-attention layers, LayerNorm, GELU, dropout) and "
+             "`mobile_net` (inverted residual blocks of depthwise-separable convolutions, BatchNorm, ReLU6); "
+             "triggers the package does not generate, lossless clean images the model never saw; ACC / ASR measured "
+             "by the script with its own trigger on test images the command never saw. The command: `ibau unlearn "
+             "--model-def ARCH.py:build --num-classes N --weights W --data clean.npz --out O --report R --seed 0` "
+             "(its defaults).", "",
+             "| network | case | clean images | ACC before -> after (%) | drop (points) | ASR before -> after (%) | "
+             "target met | scan before / after | rounds, stop | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(_row(r, targets))
     variants = sorted(p for p in RESULTS.iterdir() if p.is_dir())
@@ -214,12 +228,12 @@ def report_md() -> None:
                   "--label <variant> --options \"...\"`).", "",
                   "| variant | options | case | clean images | drop (points) | ASR after (%) | target met | default: drop / ASR |",
                   "|---|---|---|---|---|---|---|---|"]
-        default = {(r["case"], r["clean_size"]): r for r in rows}
+        default = {(r.get("arch", "gn_resnet"), r["case"], r["clean_size"]): r for r in rows}
         for folder in variants:
             for path in sorted(folder.glob("*.json")):
                 r = json.loads(path.read_text())
                 b, a = r["before"], r["after"]
-                d = default.get((r["case"], r["clean_size"]))
+                d = default.get((r.get("arch", "gn_resnet"), r["case"], r["clean_size"]))
                 base = f"{100 * (d['before']['acc'] - d['after']['acc']):.1f} / {100 * d['after']['asr']:.1f}" if d else "-"
                 lines.append(f"| {r['variant']} | `{' '.join(r['options'])}` | {r['case']} | {r['clean_size']:,} | "
                              f"{100 * (b['acc'] - a['acc']):.1f} | {100 * a['asr']:.1f} | {_met(r, targets)} | {base} |")
@@ -244,7 +258,7 @@ def _row(r: dict, targets: dict) -> str:
     sb, sa = r["scan_before"] or {}, r["scan_after"] or {}
     scan = (f"{'backdoor ' + str(sb.get('target_classes')) if sb.get('backdoored') else 'clean'} / "
             f"{'backdoor ' + str(sa.get('target_classes')) if sa.get('backdoored') else 'clean'}")
-    return (f"| {r['case']} | {r['clean_size']:,} | {100 * b['acc']:.1f} -> {100 * a['acc']:.1f} | "
+    return (f"| {r.get('arch', 'gn_resnet')} | {r['case']} | {r['clean_size']:,} | {100 * b['acc']:.1f} -> {100 * a['acc']:.1f} | "
             f"{100 * drop:.1f} | {100 * b['asr']:.1f} -> {100 * a['asr']:.1f} | {met} | {scan} | "
             f"{r['rounds']}: {r['stop_reason'].split(':')[0]} | {r['wall_seconds']:.0f} |")
 
@@ -257,6 +271,7 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=["gtsrb_plus", "cifar10_noise_blend", "cifar10_corner_patch"])
     p.add_argument("--sizes", nargs="+", type=int, default=[2500, 1000])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="gn_resnet", help="the network (benchmarks/unseen/ARCH.py)")
     p.add_argument("--options", help="options added to the default command (a variant, with --label)")
     p.add_argument("--label", help="the variant's name: its results go to benchmarks/results/unseen_models/LABEL/")
     args = p.parse_args()

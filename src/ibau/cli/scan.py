@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--precision", default=argparse.SUPPRESS, choices=PRECISIONS,
                    help="fp32, or bf16 autocast (2-3x faster where the CPU has AMX / AVX512-BF16, or on a GPU); "
                         f"auto: bf16 where the device computes it natively (default: {d['precision']})")
+    s.add_argument("--prior-correction", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="search with the model's class prior taken out, so that a class the model over-predicts "
+                        "is not mistaken for a backdoor target (default: on)")
     run_options(p, seed_help="seed of the trigger search (default: 0)")
 
 
@@ -41,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..jobs.commands import scan_job
 
-    settings = {k: getattr(args, k) for k in ("threshold", "steps", "precision") if hasattr(args, k)}
+    settings = {k: getattr(args, k) for k in ("threshold", "steps", "precision", "prior_correction")
+                if hasattr(args, k)}
     written = scan_job(model_source(args), data_source(args), report=args.report, report_dir=args.report_dir,
                        force=args.force, seed=args.seed, device=args.device, progress=not args.quiet,
                        settings=settings, log=log_of(args))

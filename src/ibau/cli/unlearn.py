@@ -44,8 +44,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "triggers the scan before reverse-engineered (--reversed-fraction), none with --no-scan")
     sc.add_argument("--scan-steps", type=INT, default=argparse.SUPPRESS,
                     help="optimisation steps of each scan (default: ibau.scanning.MaskScan's)")
+    sc.add_argument("--scan-prior-correction", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                    help="search with the model's class prior taken out, as ibau scan does (default: on; "
+                         "--no-scan-prior-correction: the scan of the default recipe before it)")
     run_options(p, seed_help="seed of the split, I-BAU, the robustness search and the scan (default: 0)")
     ibau_options(p)
+
+
+def _scan_settings(args: argparse.Namespace) -> dict | None:
+    """The MaskScan settings given on the command line (None: its defaults)."""
+    given = {k: getattr(args, f"scan_{k}") for k in ("steps", "prior_correction") if hasattr(args, f"scan_{k}")}
+    return given or None
 
 
 @command("unlearn", "remove a backdoor from a model with I-BAU, using a small clean dataset", add_arguments)
@@ -57,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                           max_rounds=args.max_rounds, threshold=args.threshold,
                           max_accuracy_drop=args.max_accuracy_drop, recipe=args.recipe,
                           robustness_bound=args.robustness_bound, scan=args.scan,
-                          scan_settings={"steps": args.scan_steps} if hasattr(args, "scan_steps") else None,
+                          scan_settings=_scan_settings(args),
                           seed=args.seed, device=args.device,
                           progress=not args.quiet, ibau_settings=ibau_settings(args), log=log_of(args))
     return finish(args, written)
