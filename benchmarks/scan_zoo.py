@@ -36,11 +36,12 @@ REPORT = ROOT / "results" / "scan_zoo.md"
 
 
 def _results(precision: str, mask_tv: float = 0.0, explore_images: int | None = None, steps: int | None = None,
-             prior_correction: bool = False) -> Path:
+             prior_correction: bool = False, max_over_prediction: float | None = None) -> Path:
     """Where the scans of one precision (and mask_tv, explore_images, steps, prior_correction) are kept
     (float32: ``scan_zoo/``)."""
     name = "scan_zoo" + ("" if precision == "fp32" else f"_{precision}") + (f"_tv{mask_tv:g}" if mask_tv else "") \
         + ("_pc" if prior_correction else "") \
+        + (f"_op{max_over_prediction:g}" if max_over_prediction is not None else "") \
         + (f"_e{explore_images}" if explore_images is not None else "") + (f"_s{steps}" if steps is not None else "")
     return RESULTS.with_name(name)
 
@@ -114,7 +115,8 @@ def scan(args) -> None:
 
     torch.set_num_threads(args.threads)
     settings, models = _zoo(args.data_dir, args.cache)
-    results = _results(args.precision, args.mask_tv, args.explore_images, args.steps, args.prior_correction)
+    results = _results(args.precision, args.mask_tv, args.explore_images, args.steps, args.prior_correction,
+                       args.max_over_prediction)
     results.mkdir(parents=True, exist_ok=True)
     for name, entry in models.items():
         if args.only and name not in args.only:
@@ -136,6 +138,7 @@ def scan(args) -> None:
         t0 = time.perf_counter()
         result = ibau.scan(model, xc, yc, seed=args.seed, progress=not args.quiet, precision=args.precision,
                            mask_tv=args.mask_tv, **({"prior_correction": True} if args.prior_correction else {}),
+                           max_over_prediction=args.max_over_prediction,
                            **({} if args.explore_images is None else {"explore_images": args.explore_images}),
                            **({} if args.steps is None else {"steps": args.steps}))
         seconds = time.perf_counter() - t0
@@ -433,6 +436,9 @@ def main() -> None:
                    help="scan: MaskScan's explore_images (results in scan_zoo[_bf16]..._e<value>/ when given)")
     p.add_argument("--steps", type=int, default=None,
                    help="scan: MaskScan's steps (a third of them exploring; results in scan_zoo[_bf16]..._s<value>/ when given)")
+    p.add_argument("--max-over-prediction", type=float, default=None,
+                   help="scan: MaskScan's max_over_prediction (results in scan_zoo[_bf16]..._op<value>/; without it "
+                        "None, the rule-free verdict every other folder was measured with)")
     p.add_argument("--prior-correction", action="store_true",
                    help="scan: MaskScan's prior_correction (results in scan_zoo[_bf16]..._pc/)")
     args = p.parse_args()

@@ -94,18 +94,18 @@ class ScanResult:
                 f"(score {self.score:.2f}, threshold {self.threshold:g}, {self.seconds:.0f} s)")
 
 
-#: a flagged class the model predicts for at least this many times its share of the clean labels gets a
-#: warning (:func:`over_predicted_warning`)
-OVER_PREDICTED = 2.0
+#: clean images (at most) on which the model's accuracy and its predicted share of each class are measured
+CLEAN_IMAGES = 500
 
 
-def over_predicted_warning(k: int, predicted: float, labelled: float) -> str:
-    """The warning for a flagged class ``k`` that the model over-predicts on clean images."""
-    return (f"class {k} is the model's answer for {predicted:.0%} of the clean images but the label of only "
-            f"{labelled:.0%}: a model that over-predicts a class reaches it with a small stamp for natural reasons, "
-            "so this finding may be a bias of the model rather than a backdoor (the one clean model the scan flagged "
-            "in its benchmark, an under-trained PreAct ResNet, was such a case); a backdoor leaves clean predictions "
-            "alone, so look at the reversed trigger (--report-dir) and at the model's accuracy per class")
+def over_predicted_warning(k: int, predicted: float, labelled: float, ratio: float) -> str:
+    """The warning for a class ``k`` whose stamp was small enough to flag but which the model
+    over-predicts on clean images (``max_over_prediction``), so it is not flagged."""
+    return (f"class {k} is reached with a stamp {ratio:.1f}x smaller than the other searched classes, but it is the "
+            f"model's answer for {predicted:.0%} of the clean images and the label of only {labelled:.0%}: a model "
+            "that over-predicts a class reaches it with a small stamp for that reason alone, so it is not flagged "
+            "(a backdoor leaves clean predictions alone); look at its reversed trigger (--report-dir) if the model's "
+            "bias itself is suspicious")
 
 
 class _Shifted(nn.Module):
@@ -209,16 +209,26 @@ class MaskScan:
             I-BAU's own scan for its stamps does, which reads only the flagged triggers.
         normalize: ``(mean, std)`` when the model expects normalised inputs.
         seed: seeds the batches and the starting masks.
+        max_over_prediction: a class the model answers on the clean images at least this many times
+            as often as it is their label is not flagged, and the score leaves it out (a warning says
+            so when its stamp would have been flagged); ``None``: no such rule. On the zoo, the one
+            clean model flagged without it (an under-trained PreAct ResNet answering class 9 for 24%
+            of images labelled 9%, 2.7x) is not flagged with it, and every flagged backdoor target is
+            predicted 0.7-1.4x its label share. A backdoor's target would be left out only where the
+            model answers it for twice its share of clean images, i.e. where the backdoor already
+            shows on clean data (measured on ``CLEAN_IMAGES`` = 500 of them).
         prior_correction: search on the model's logits minus per-class offsets that make its mean
             predicted probabilities on the clean images match their label shares (logit adjustment,
             Menon et al., ICLR 2021): a model biased towards a class (an under-trained one that answers
             it for a quarter of the images) reaches it with a small stamp for that reason alone, which
             looks like a backdoor; a backdoor is a response to the stamp, not a bias, and stays. The
-            offsets are reported per class (``prior_offset``). On by default: on the zoo (bf16) it took
-            the one clean model flagged (1/8 -> 0/8) off, kept every named target and raised the AUROC
-            from 0.958 to 0.967 (``benchmarks/results/scan_zoo.md``). I-BAU's own scan for its stamps
-            leaves it off unless its ``reversed_scan`` settings say otherwise (:class:`ibau.IBAU`);
-            the default recipe's say so.
+            offsets are reported per class (``prior_offset``). Off by default, measured: on the zoo
+            (bf16) it took the one clean model flagged off (1/8 -> 0/8) and raised the AUROC from
+            0.958 to 0.967 (``benchmarks/results/scan_zoo.md``), but it also takes out the part of a
+            backdoor's pull that shows on clean images: the scores of backdoored models whose target
+            the model over-predicts fell (released BadNets 5.03 -> 3.95), and the test suite's
+            4-class toy backdoor (target predicted 1.33x its label share) went unflagged (2.49 -> 1.82).
+            The default verdict leaves strongly over-predicted classes out instead (``max_over_prediction``).
         precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:mod:`ibau.precision`): the model's
             passes under bfloat16 autocast; ``"auto"`` (default) where the device computes
             bf16 natively. On the zoo, bf16 scans gave the same AUROC (0.958) in less than
@@ -232,7 +242,7 @@ class MaskScan:
                  explore_images: int = 240,
                  lr: float = 0.1, init_cost: float = 1e-3, cost_multiplier: float = 1.5, patience: int = 10,
                  success: float = 0.9, threshold: float = 2.0, mask_tv: float = 0.0, success_images: int = 500,
-                 prior_correction: bool = True, normalize: tuple | None = None, seed: int = 0, precision: str = "auto",
+                 max_over_prediction: float | None = 2.0, prior_correction: bool = False, normalize: tuple | None = None, seed: int = 0, precision: str = "auto",
                  progress: bool = True):
         self.steps = check_int("steps", steps, low=3)
         explore_steps = steps // 3 if explore_steps is None else explore_steps
@@ -248,6 +258,7 @@ class MaskScan:
         self.threshold = check_number("threshold", threshold, low=0, low_open=True)
         self.mask_tv = check_number("mask_tv", mask_tv, low=0)
         self.success_images = check_int("success_images", success_images, low=0)
+        self.max_over_prediction = check_number("max_over_prediction", max_over_prediction, low=1, allow_none=True)
         if not isinstance(prior_correction, bool):
             raise InputError(f"prior_correction must be True or False, got {prior_correction!r}")
         self.prior_correction = prior_correction
@@ -261,7 +272,7 @@ class MaskScan:
                 "batch_size": self.batch_size, "explore_images": self.explore_images, "lr": self.lr, "init_cost": self.init_cost,
                 "cost_multiplier": self.cost_multiplier, "patience": self.patience, "success": self.success,
                 "threshold": self.threshold, "mask_tv": self.mask_tv, "success_images": self.success_images,
-                "prior_correction": self.prior_correction,
+                "max_over_prediction": self.max_over_prediction, "prior_correction": self.prior_correction,
                 "seed": self.seed, "precision": self.precision}
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor) -> ScanResult:
@@ -296,24 +307,28 @@ class MaskScan:
         # the outlier test of Neural Cleanse, on the norms every class reached with the same budget
         index = mad_anomaly_index(torch.tensor(explored, dtype=torch.float64)).tolist()
         # the verdict compares the classes that had the same, longer search: the largest kept norm over the smallest
+        # classes the model answers far more often than they are labelled are its bias, not a backdoor's target
+        over = [k for k in range(num_classes) if self.max_over_prediction is not None
+                and clean["predicted"][k] >= self.max_over_prediction * clean["labelled"][k]]
         ranked = sorted(kept, key=lambda k: norms[k])
-        score = norms[ranked[-1]] / max(norms[ranked[0]], 1e-12) if len(ranked) > 1 else 1.0
-        targets = [k for k in ranked if norms[k] * self.threshold <= norms[ranked[-1]]]
+        judged = [k for k in ranked if k not in over]
+        score = norms[judged[-1]] / max(norms[judged[0]], 1e-12) if len(judged) > 1 else 1.0
+        targets = [k for k in judged if norms[k] * self.threshold <= norms[judged[-1]]]
+        left_out = [k for k in ranked if k in over and norms[k] * self.threshold <= norms[ranked[-1]]]
         per_class = [{"class": k, "mask_l1": norms[k], "reached": reached[k], "success": rates[k],
                       "explore_l1": explored[k], "anomaly_index": index[k], "kept": k in kept,
-                      "predicted_share": clean and clean["predicted"][k], "label_share": clean and clean["labelled"][k],
-                      "prior_offset": None if offsets is None else float(offsets[k])}
+                      "predicted_share": clean["predicted"][k], "label_share": clean["labelled"][k],
+                      "over_predicted": k in over, "prior_offset": None if offsets is None else float(offsets[k])}
                      for k in range(num_classes)]
         suspects = targets or ranked[:1]
-        warnings = [] if clean is None else [w for w in [near_chance_warning(clean["accuracy"], clean["labels"])] if w]
-        if clean is not None:
-            warnings += [over_predicted_warning(k, clean["predicted"][k], clean["labelled"][k]) for k in targets
-                         if clean["predicted"][k] >= OVER_PREDICTED * clean["labelled"][k]]
+        warnings = [w for w in [near_chance_warning(clean["accuracy"], clean["labels"])] if w]
+        warnings += [over_predicted_warning(k, clean["predicted"][k], clean["labelled"][k], norms[ranked[-1]] / norms[k])
+                     for k in left_out]
         return ScanResult(backdoored=bool(targets), score=float(score), threshold=self.threshold,
                           target_classes=targets, per_class=per_class, seconds=time.perf_counter() - t0,
                           method=self.name, config={**self.config(), "arithmetic": _arithmetic(self.precision, device)},
-                          triggers={k: tensors[k] for k in suspects},
-                          clean_accuracy=None if clean is None else clean["accuracy"], warnings=warnings)
+                          triggers={k: tensors[k] for k in suspects}, clean_accuracy=clean["accuracy"],
+                          warnings=warnings)
 
     def _search(self, net: nn.Module, x: Tensor, y: Tensor, num_classes: int, tqdm, raw: nn.Module):
         """The search on ``net``; the clean images' statistics (accuracy, predicted shares) on ``raw``,
@@ -380,15 +395,16 @@ class MaskScan:
         reached = [b < math.inf for b in best]
         norms = [best[k] if reached[k] else last[k] for k in range(k_all)]
         tensors, rates = {}, []
-        pick = torch.randperm(len(x), generator=g)[:self.success_images]
+        perm = torch.randperm(len(x), generator=g)
+        # the clean images' statistics always on the same images, whatever success_images is
+        xc, yc = x[perm[:CLEAN_IMAGES]].to(device, dtype), y[perm[:CLEAN_IMAGES]].to(device)
+        with torch.no_grad():
+            pred = raw(xc).argmax(1)
+        share = lambda v: (torch.bincount(v.cpu(), minlength=k_all).double() / len(v)).tolist()  # noqa: E731
+        clean = {"accuracy": float((pred == yc).float().mean()), "labels": yc.cpu(), "predicted": share(pred),
+                 "labelled": share(yc)}
+        pick = perm[:self.success_images]
         xs, ys = x[pick].to(device, dtype), y[pick].to(device)
-        clean = None
-        if self.success_images:
-            with torch.no_grad():
-                pred = raw(xs).argmax(1)
-            share = lambda v: (torch.bincount(v.cpu(), minlength=k_all).double() / len(v)).tolist()  # noqa: E731
-            clean = {"accuracy": float((pred == ys).float().mean()), "labels": ys.cpu(), "predicted": share(pred),
-                     "labelled": share(ys)}
         for k in range(k_all):
             mr, pr = best_state[k] if best_state[k] is not None else (m_raw[k].detach(), p_raw[k].detach())
             stamp = MaskTrigger(_unit(mr), _unit(pr))

@@ -49,7 +49,7 @@ PAPER_SETTINGS: dict[str, Any] = dict(
 #: it (the same triggers and flags), without the per-class success rates of the report, which the stamps
 #: do not need (read-only). Half the exploring images (``explore_images=120``, issue 15, BF25R3E to
 #: BF25R3A50) was a third cheaper and missed the CIFAR-10 BadNets trigger on one 1,000-image clean set.
-STAMP_SCAN: Mapping[str, Any] = MappingProxyType({"success_images": 0, "prior_correction": True})
+STAMP_SCAN: Mapping[str, Any] = MappingProxyType({"success_images": 0})
 
 #: The default recipe (issue 13), chosen from the ablation table
 #: (``benchmarks/results/ablation_unlearn.md``): the paper's minimax, inner pass and implicit
@@ -463,11 +463,10 @@ class IBAU(UniversalPerturbation):
             (:class:`ibau.scanning.MaskScan`, same seed and precision, its time counted) and
             stamps the triggers of the classes it flags, none when it flags none.
         reversed_scan: settings of that scan (:class:`ibau.scanning.MaskScan` keywords, e.g.
-            ``{"mask_tv": 1.0}``; ``None`` or ``{}``: MaskScan's defaults except ``prior_correction``);
-            its seed and precision are I-BAU's unless given here, and ``prior_correction`` is off
-            unless given (the ablation cells that pass their own settings were measured before it
-            existed). Default :data:`STAMP_SCAN` (``{"success_images": 0, "prior_correction":
-            True}``): ``ibau scan``'s triggers and flags without the success rates (one second less); ``{"explore_images": 120, "success_images": 0}`` is the
+            ``{"mask_tv": 1.0}``; ``None`` or ``{}``: MaskScan's defaults, ``ibau scan``'s); its seed
+            and precision are I-BAU's unless given here. Default :data:`STAMP_SCAN`
+            (``{"success_images": 0}``): ``ibau scan``'s triggers and flags without the success
+            rates (one second less); ``{"explore_images": 120, "success_images": 0}`` is the
             cheaper scan of BF25R3E to BF25R3A50 (see above).
             Compact masks (``mask_tv=1``, BF25R3T in ``ablation_reversed3tv*.toml``) met the
             targets in 10/18 and 13/18 cells against 12/18 and 12/18 with the plain scan, so the
@@ -1079,9 +1078,7 @@ class IBAU(UniversalPerturbation):
             if self._reversed is None:
                 from ..scanning import MaskScan
 
-                # prior_correction: off unless reversed_scan says so (the ablation cells measured before it existed)
-                found = MaskScan(**{"seed": self.seed, "precision": self.precision, "prior_correction": False,
-                                    **self.reversed_scan},
+                found = MaskScan(**{"seed": self.seed, "precision": self.precision, **self.reversed_scan},
                                  progress=self.progress and setup.comm.is_main).run(self.wrap(run.model), run.x, run.y)
                 setup.reversed = found.flagged_triggers()
             else:
