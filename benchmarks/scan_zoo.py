@@ -297,6 +297,16 @@ def _compare(records: list[dict], other: dict[str, dict], left: str, right: str,
     return lines
 
 
+def _rule_free(record: dict) -> dict:
+    """``record`` with the verdict its own search gives without ``max_over_prediction``: the same kept
+    norms, no class left out (what every folder but the ``_op`` ones was measured with)."""
+    sc = record["scan"]
+    kept = sorted((c for c in sc["per_class"] if c["kept"]), key=lambda c: c["mask_l1"])
+    score = kept[-1]["mask_l1"] / max(kept[0]["mask_l1"], 1e-12) if len(kept) > 1 else 1.0
+    targets = [c["class"] for c in kept if c["mask_l1"] * sc["threshold"] <= kept[-1]["mask_l1"]]
+    return {**record, "scan": {**sc, "score": score, "target_classes": targets, "backdoored": bool(targets)}}
+
+
 def report(args) -> None:
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     if not records:
@@ -399,6 +409,23 @@ def report(args) -> None:
                           "`steps=150` (50 exploring, 100 on the kept classes; `python benchmarks/scan_zoo.py scan "
                           "--precision bf16 --steps 150`, JSON in `benchmarks/results/scan_zoo_bf16_s150/`; run alone, "
                           "while the 300-step scans shared the cores: compare the seconds with the timing table above)")
+    op = _load_dir(_results("bf16", max_over_prediction=2.0))
+    if op:
+        lines += _compare([_rule_free(op[m]) for m in sorted(op)], op, "every class judged", "max_over_prediction 2",
+                          "## Over-predicted classes left out: `max_over_prediction=2`, the default (issue 14), "
+                          "bfloat16",
+                          "two verdicts on each search (`python benchmarks/scan_zoo.py scan --precision bf16 "
+                          "--max-over-prediction 2`, JSON in `benchmarks/results/scan_zoo_bf16_op2/`, this machine): "
+                          "every kept class judged (the verdict of the sections above, recomputed from the same "
+                          "masks) and the default one, in which a class the model answers for at least twice its "
+                          "share of 500 clean images' labels is neither flagged nor counted in the score. These "
+                          "searches ran on the second machine (AMD EPYC); the bfloat16 folder above came from the "
+                          "first, whose bfloat16 arithmetic differs, so its scores differ from these")
+        over = [(r["model"], c["class"], c["predicted_share"], c["label_share"]) for r in (op[m] for m in sorted(op))
+                for c in r["scan"]["per_class"] if c.get("over_predicted")]
+        lines += ["", "Classes left out: " + ("; ".join(f"{m} class {k} (answered for {100 * p:.0f}% of the "
+                                                         f"images, labelled {100 * q:.0f}%)" for m, k, p, q in over)
+                                              or "none") + "."]
     prior = _load_dir(_results("bf16", prior_correction=True))
     if prior:
         lines += _compare([bf16[m] for m in sorted(bf16)], prior, "as given", "prior_correction",

@@ -107,10 +107,10 @@ def test_scan_without_success_rates_is_the_same_search():
     a = ibau.scan(d["model"], d["x_clean"], d["y_clean"], seed=3, steps=60, progress=False)
     b = ibau.scan(d["model"], d["x_clean"], d["y_clean"], seed=3, steps=60, progress=False, success_images=0)
     assert (a.backdoored, a.score, a.target_classes) == (b.backdoored, b.score, b.target_classes)
-    measured = ("success", "predicted_share", "label_share")  # on the success images
-    assert [{k: v for k, v in r.items() if k not in measured} for r in a.per_class] == \
-        [{k: v for k, v in r.items() if k not in measured} for r in b.per_class]
-    assert all(r[k] is None for r in b.per_class for k in measured) and b.clean_accuracy is None
+    # everything but the stamps' success rates: the clean statistics are measured on the same images either way
+    assert [{k: v for k, v in r.items() if k != "success"} for r in a.per_class] == \
+        [{k: v for k, v in r.items() if k != "success"} for r in b.per_class]
+    assert all(r["success"] is None for r in b.per_class) and b.clean_accuracy == a.clean_accuracy
     assert all(0 <= r["success"] <= 1 for r in a.per_class)
     assert sum(r["predicted_share"] for r in a.per_class) == pytest.approx(1)
     assert sum(r["label_share"] for r in a.per_class) == pytest.approx(1)
@@ -276,24 +276,34 @@ def _biased(model, k, shift):
     return out
 
 
-def test_a_class_bias_looks_like_a_backdoor_and_prior_correction_takes_it_out(scans):
+def test_a_class_bias_looks_like_a_backdoor_and_is_not_flagged(scans):
     """A clean model with a class-3 logit bias (it then answers 3 for ~27% of the images, labelled 11%)
-    is flagged by the plain search, with the over-prediction warning; with prior_correction the bias is
-    estimated from the clean images and taken out: not flagged; the planted backdoor still is."""
+    is flagged by the rule-free search; the default verdict (max_over_prediction=2) leaves the class out,
+    with a warning; prior_correction (off by default) takes the bias out of the search itself. The
+    planted backdoor is still flagged by the default scan."""
     d, _ = scans["clean"]
     biased = _biased(d["model"], 3, 8.0)
-    plain = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False, prior_correction=False)
-    assert plain.backdoored and plain.target_classes == [3]
+    plain = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False,
+                      max_over_prediction=None)
+    assert plain.backdoored and plain.target_classes == [3] and plain.warnings == []
     row = plain.per_class[3]
-    assert row["predicted_share"] >= 2 * row["label_share"] and row["prior_offset"] is None
-    assert any(w.startswith("class 3 is the model's answer for") for w in plain.warnings)
-    fixed = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False)  # the default
-    assert not fixed.backdoored and fixed.score < fixed.threshold
-    assert fixed.per_class[3]["prior_offset"] == max(r["prior_offset"] for r in fixed.per_class) > 4
-    assert fixed.per_class[3]["predicted_share"] == row["predicted_share"]  # the model as given
-    b, _ = scans["one_target"]
-    _, found = scans["one_target"]  # the default scan
-    assert found.config["prior_correction"] and found.backdoored and found.target_classes == [b["target"]]
+    assert row["predicted_share"] >= 2 * row["label_share"] and row["over_predicted"] is False
+    default = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False)
+    assert not default.backdoored and default.target_classes == [] and default.score < default.threshold
+    assert default.per_class[3]["over_predicted"] and sum(r["over_predicted"] for r in default.per_class) == 1
+    # the same search: only the verdict differs
+    assert [r["mask_l1"] for r in default.per_class] == [r["mask_l1"] for r in plain.per_class]
+    assert len(default.warnings) == 1 and default.warnings[0].startswith("class 3 is reached with a stamp")
+    corrected = ibau.scan(biased, d["x_clean"], d["y_clean"], seed=0, steps=STEPS, progress=False,
+                          prior_correction=True, max_over_prediction=None)
+    assert not corrected.backdoored and corrected.score < corrected.threshold
+    assert corrected.per_class[3]["prior_offset"] == max(r["prior_offset"] for r in corrected.per_class) > 4
+    assert corrected.per_class[3]["predicted_share"] == row["predicted_share"]  # the model as given
+    b, found = scans["one_target"]  # the default scan
+    assert found.backdoored and found.target_classes == [b["target"]]
+    assert not any(r["over_predicted"] for r in found.per_class)
+    with pytest.raises(InputError, match="max_over_prediction"):
+        MaskScan(max_over_prediction=0.5)
 
 
 def test_prior_offsets_match_the_label_shares():
@@ -309,3 +319,18 @@ def test_prior_offsets_match_the_label_shares():
     torch.testing.assert_close(p, share, atol=1e-4, rtol=0)
     with pytest.raises(InputError, match="prior_correction"):
         MaskScan(prior_correction="yes")
+
+
+def test_unlearn_reports_a_class_the_scan_left_out_as_the_models_bias(scans):
+    """ibau unlearn's scans are ibau scan's: on the logit-biased clean model the scan before flags nothing
+    (so nothing is stamped), and the report carries the scan's warning about the left-out class."""
+    from ibau.unlearn import unlearn
+
+    d, _ = scans["clean"]
+    biased = _biased(d["model"], 3, 8.0)
+    res = unlearn(biased, d["x_clean"], d["y_clean"], holdout=100, rounds=1, batch_size=25, robustness_passes=1,
+                  scan_settings={"steps": STEPS}, progress=False)
+    rep = res.report
+    assert not rep["scan_before"]["backdoored"] and rep["reversed_classes"] == []
+    assert rep["scan_before"]["per_class"][3]["over_predicted"]
+    assert any(w.startswith("scan before: class 3 is reached with a stamp") for w in rep["warnings"])

@@ -266,8 +266,9 @@ def write_scan_dir(folder: str | os.PathLike, report: dict[str, Any], triggers: 
              *[f"> **Warning:** {w}" for w in report.get("warnings", [])],
              "Score: the classes with the smallest masks after the first phase were searched longer; the score is "
              "the largest of their mask norms over the smallest, and a class whose mask is at least the threshold "
-             "times smaller than that largest one is flagged. The anomaly index (robust standard deviations below "
-             "the median, Neural Cleanse's statistic) is computed on the first phase's norms.", "",
+             "times smaller than that largest one is flagged; a class the model answers far more often than it is "
+             "labelled (over-predicted) is its bias, left out of both. The anomaly index (robust standard deviations "
+             "below the median, Neural Cleanse's statistic) is computed on the first phase's norms.", "",
              "| class | mask l1 | stamp success | anomaly index | flagged |", "|---|---|---|---|---|"]
     for row in sorted(report["per_class"], key=lambda r: r["mask_l1"]):
         flagged = "yes" if row["class"] in report["target_classes"] else ""

@@ -16,7 +16,10 @@ the ``keep`` classes with the smallest masks go on being optimised (K-Arm's idea
 others keep the norm they reached. The verdict compares the classes that had the same,
 longer search: ``score`` is the largest kept mask norm over the smallest, the model is
 flagged when it exceeds ``threshold``, and the flagged classes (``target_classes``) are the
-kept ones whose mask is at least ``threshold`` times smaller than the largest kept one.
+kept ones whose mask is at least ``threshold`` times smaller than the largest kept one. A class
+the model answers on clean images at least ``max_over_prediction`` (2) times as often as it is
+their label is left out of both: a biased model reaches such a class with a small stamp for that
+reason alone, while a backdoor leaves clean predictions alone.
 (Neural Cleanse's anomaly index over all classes would single out the classes searched
 longer: measured on clean digits models, it flagged the three kept classes; it is reported
 per class, computed on the norms every class reached with the same budget.)
@@ -210,8 +213,9 @@ class MaskScan:
         normalize: ``(mean, std)`` when the model expects normalised inputs.
         seed: seeds the batches and the starting masks.
         max_over_prediction: a class the model answers on the clean images at least this many times
-            as often as it is their label is not flagged, and the score leaves it out (a warning says
-            so when its stamp would have been flagged); ``None``: no such rule. On the zoo, the one
+            as often as it is their label is not flagged, and the score's smallest mask is that of
+            another class (a warning says so when its stamp would have been flagged); it stays the
+            yardstick when its mask is the largest kept one. ``None``: no such rule. On the zoo, the one
             clean model flagged without it (an under-trained PreAct ResNet answering class 9 for 24%
             of images labelled 9%, 2.7x) is not flagged with it, and every flagged backdoor target is
             predicted 0.7-1.4x its label share. A backdoor's target would be left out only where the
@@ -311,9 +315,11 @@ class MaskScan:
         over = [k for k in range(num_classes) if self.max_over_prediction is not None
                 and clean["predicted"][k] >= self.max_over_prediction * clean["labelled"][k]]
         ranked = sorted(kept, key=lambda k: norms[k])
+        # the yardstick is still the largest kept mask (an over-predicted class among the kept ones is a natural
+        # change too); only the candidates leave out the over-predicted classes
         judged = [k for k in ranked if k not in over]
-        score = norms[judged[-1]] / max(norms[judged[0]], 1e-12) if len(judged) > 1 else 1.0
-        targets = [k for k in judged if norms[k] * self.threshold <= norms[judged[-1]]]
+        score = norms[ranked[-1]] / max(norms[judged[0]], 1e-12) if len(ranked) > 1 and judged else 1.0
+        targets = [k for k in judged if norms[k] * self.threshold <= norms[ranked[-1]]]
         left_out = [k for k in ranked if k in over and norms[k] * self.threshold <= norms[ranked[-1]]]
         per_class = [{"class": k, "mask_l1": norms[k], "reached": reached[k], "success": rates[k],
                       "explore_l1": explored[k], "anomaly_index": index[k], "kept": k in kept,

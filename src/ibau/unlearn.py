@@ -271,6 +271,9 @@ def unlearn(
         scans = {"scan_before": measured["scan_before"], "scan_after": scan_of(net)}
     preds_after = {"clean": predict(net, sample_x), "perturbed_before_delta": predict(net, sample_x + udelta_before)}
     warnings = list(outcome["warnings"])
+    for when, found in scans.items():  # the scans' own warnings, but the near-chance one the report gives already
+        warnings += [f"{when.replace('_', ' ')}: {w}" for w in found.get("warnings", [])
+                     if not w.startswith("the model classifies only")]
     if rob_after["success_rate"] >= threshold:
         warnings.append(f"a universal perturbation within the bound still changes {rob_after['success_rate']:.1%} of "
                         "correct held-out predictions; at large bounds this holds for clean models too, so compare "

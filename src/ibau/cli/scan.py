@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import INT, FLOAT, command, data_options, data_source, defaults_of, finish, log_of, model_options, \
+from .options import INT, FLOAT, command, optional_float, data_options, data_source, defaults_of, finish, log_of, model_options, \
     model_source, run_options
 
 
@@ -33,9 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--precision", default=argparse.SUPPRESS, choices=PRECISIONS,
                    help="fp32, or bf16 autocast (2-3x faster where the CPU has AMX / AVX512-BF16, or on a GPU); "
                         f"auto: bf16 where the device computes it natively (default: {d['precision']})")
+    s.add_argument("--max-over-prediction", type=optional_float, default=argparse.SUPPRESS,
+                   help="a class the model answers at least this many times as often as it is labelled in the "
+                        f"clean images is not flagged (its bias, not a backdoor); none: no such rule "
+                        f"(default: {d['max_over_prediction']:g})")
     s.add_argument("--prior-correction", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                   help="search with the model's class prior taken out, so that a class the model over-predicts "
-                        "is not mistaken for a backdoor target (default: on)")
+                   help="search with the model's class prior taken out of its logits (default: off; measured in "
+                        "benchmarks/results/scan_zoo.md)")
     run_options(p, seed_help="seed of the trigger search (default: 0)")
 
 
@@ -44,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..jobs.commands import scan_job
 
-    settings = {k: getattr(args, k) for k in ("threshold", "steps", "precision", "prior_correction")
+    settings = {k: getattr(args, k) for k in ("threshold", "steps", "precision", "max_over_prediction", "prior_correction")
                 if hasattr(args, k)}
     written = scan_job(model_source(args), data_source(args), report=args.report, report_dir=args.report_dir,
                        force=args.force, seed=args.seed, device=args.device, progress=not args.quiet,

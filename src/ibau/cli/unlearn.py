@@ -45,8 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sc.add_argument("--scan-steps", type=INT, default=argparse.SUPPRESS,
                     help="optimisation steps of each scan (default: ibau.scanning.MaskScan's)")
     sc.add_argument("--scan-prior-correction", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                    help="search with the model's class prior taken out, as ibau scan does (default: on; "
-                         "--no-scan-prior-correction: the scan of the default recipe before it)")
+                    help="search with the model's class prior taken out of its logits (default: off)")
     run_options(p, seed_help="seed of the split, I-BAU, the robustness search and the scan (default: 0)")
     ibau_options(p)
 
