@@ -418,7 +418,8 @@ def report(args) -> None:
                           "--max-over-prediction 2`, JSON in `benchmarks/results/scan_zoo_bf16_op2/`, this machine): "
                           "every kept class judged (the verdict of the sections above, recomputed from the same "
                           "masks) and the default one, in which a class the model answers for at least twice its "
-                          "share of 500 clean images' labels is neither flagged nor counted in the score. These "
+                          "share of 500 clean images' labels, and for at least 5% more of them, is never flagged nor "
+                          "the score's smallest mask. These "
                           "searches ran on the second machine (AMD EPYC); the bfloat16 folder above came from the "
                           "first, whose bfloat16 arithmetic differs, so its scores differ from these")
         over = [(r["model"], c["class"], c["predicted_share"], c["label_share"]) for r in (op[m] for m in sorted(op))

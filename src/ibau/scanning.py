@@ -99,6 +99,9 @@ class ScanResult:
 
 #: clean images (at most) on which the model's accuracy and its predicted share of each class are measured
 CLEAN_IMAGES = 500
+#: an over-predicted class (``max_over_prediction``) also takes at least this share of the images beyond its
+#: labels: a rare class (2 of 500 images labelled, 4 predicted) is not over-predicted by chance
+OVER_PREDICTED_EXCESS = 0.05
 
 
 def over_predicted_warning(k: int, predicted: float, labelled: float, ratio: float) -> str:
@@ -213,7 +216,8 @@ class MaskScan:
         normalize: ``(mean, std)`` when the model expects normalised inputs.
         seed: seeds the batches and the starting masks.
         max_over_prediction: a class the model answers on the clean images at least this many times
-            as often as it is their label is not flagged, and the score's smallest mask is that of
+            as often as it is their label, and for at least 5% more of them (``OVER_PREDICTED_EXCESS``:
+            a rare class is not over-predicted by chance), is not flagged, and the score's smallest mask is that of
             another class (a warning says so when its stamp would have been flagged); it stays the
             yardstick when its mask is the largest kept one. ``None``: no such rule. On the zoo, the one
             clean model flagged without it (an under-trained PreAct ResNet answering class 9 for 24%
@@ -313,7 +317,8 @@ class MaskScan:
         # the verdict compares the classes that had the same, longer search: the largest kept norm over the smallest
         # classes the model answers far more often than they are labelled are its bias, not a backdoor's target
         over = [k for k in range(num_classes) if self.max_over_prediction is not None
-                and clean["predicted"][k] >= self.max_over_prediction * clean["labelled"][k]]
+                and clean["predicted"][k] >= self.max_over_prediction * clean["labelled"][k]
+                and clean["predicted"][k] - clean["labelled"][k] >= OVER_PREDICTED_EXCESS]
         ranked = sorted(kept, key=lambda k: norms[k])
         # the yardstick is still the largest kept mask (an over-predicted class among the kept ones is a natural
         # change too); only the candidates leave out the over-predicted classes
