@@ -328,6 +328,9 @@ def report(args) -> None:
         "Each model is scanned with 1,000 clean test images it was not trained on (CIFAR-10: seeded lossy "
         "test images); the attack's ASR is measured on 500 other images for the record. Score: the scan's "
         "score (higher = more suspicious); verdict at the scan's default threshold.", "",
+        "The tables down to the prior-correction section were measured before the verdict rule of the seventeenth "
+        "session (`max_over_prediction=2`, the default since: an over-predicted class is never flagged); its own "
+        "section gives both verdicts on 23 new searches: 0/8 clean models flagged instead of 1/8, AUROC 0.975.", "",
         "| measure | value |", "|---|---|",
         f"| backdoored / clean models | {len(pos)} / {len(neg)} |",
         f"| AUROC (score) | {_auroc(pos, neg):.3f} |",
@@ -427,6 +430,10 @@ def report(args) -> None:
         lines += ["", "Classes left out: " + ("; ".join(f"{m} class {k} (answered for {100 * p:.0f}% of the "
                                                          f"images, labelled {100 * q:.0f}%)" for m, k, p, q in over)
                                               or "none") + "."]
+        lines += ["", "t_preact_wanet's class 0 is its backdoor's target: that weak model (45% accuracy, 56% ASR) "
+                  "answers it for 28% of its clean images, so where a backdoor already shows in clean predictions "
+                  "the rule leaves its target out (the search did not single it out here, with or without the "
+                  "rule). Every other backdoor target of the zoo is answered 0.7-1.4x its label share."]
     prior = _load_dir(_results("bf16", prior_correction=True))
     if prior:
         lines += _compare([bf16[m] for m in sorted(bf16)], prior, "as given", "prior_correction",
