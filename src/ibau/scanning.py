@@ -60,7 +60,8 @@ class ScanResult:
     ``backdoored``: whether the model is flagged; ``score`` (higher = more suspicious) and
     the ``threshold`` it was compared with; ``target_classes``: the suspected target(s),
     empty when none is found; ``per_class``: one dict per scanned class (mask norm, attack
-    success of its reversed stamp, anomaly index...); ``triggers``: class -> ``{"mask":
+    success of its reversed stamp, anomaly index, its shares of the model's answers and of the
+    labels on the clean images, ``over_predicted``...); ``triggers``: class -> ``{"mask":
     (1, H, W), "pattern": (C, H, W)}`` for the suspected classes (all classes with
     ``keep_all_triggers``); ``seconds``; ``config``: the scanner's settings; ``clean_accuracy``:
     the model's accuracy on the images the stamps were tried on (``None`` when none were);
