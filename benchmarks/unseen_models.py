@@ -226,8 +226,8 @@ def report_md() -> None:
         lines += ["", "Variants, measured and not adopted: the same command with options added (files in "
                   "`benchmarks/results/unseen_models/<variant>/`, written by `python benchmarks/unseen_models.py run "
                   "--label <variant> --options \"...\"`).", "",
-                  "| variant | options | case | clean images | drop (points) | ASR after (%) | target met | default: drop / ASR |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| variant | options | network | case | clean images | drop (points) | ASR after (%) | target met | "
+                  "default: drop / ASR |", "|---|---|---|---|---|---|---|---|---|"]
         default = {(r.get("arch", "gn_resnet"), r["case"], r["clean_size"]): r for r in rows}
         for folder in variants:
             for path in sorted(folder.glob("*.json")):
@@ -235,7 +235,8 @@ def report_md() -> None:
                 b, a = r["before"], r["after"]
                 d = default.get((r.get("arch", "gn_resnet"), r["case"], r["clean_size"]))
                 base = f"{100 * (d['before']['acc'] - d['after']['acc']):.1f} / {100 * d['after']['asr']:.1f}" if d else "-"
-                lines.append(f"| {r['variant']} | `{' '.join(r['options'])}` | {r['case']} | {r['clean_size']:,} | "
+                lines.append(f"| {r['variant']} | `{' '.join(r['options'])}` | {r.get('arch', 'gn_resnet')} | "
+                             f"{r['case']} | {r['clean_size']:,} | "
                              f"{100 * (b['acc'] - a['acc']):.1f} | {100 * a['asr']:.1f} | {_met(r, targets)} | {base} |")
     environments = sorted({f"torch {r['environment'].get('torch')}, {r['threads']} threads" for r in rows})
     lines += ["", "Targets (issue 13): ASR <= 10% with at most 1.5 points lost at 2,500 images; ASR <= 20% with "
