@@ -300,10 +300,11 @@ def _compare(records: list[dict], other: dict[str, dict], left: str, right: str,
 def _rule_free(record: dict) -> dict:
     """``record`` with the verdict its own search gives without ``max_over_prediction``: the same kept
     norms, no class left out (what every folder but the ``_op`` ones was measured with)."""
+    from ibau.scanning import judge
+
     sc = record["scan"]
-    kept = sorted((c for c in sc["per_class"] if c["kept"]), key=lambda c: c["mask_l1"])
-    score = kept[-1]["mask_l1"] / max(kept[0]["mask_l1"], 1e-12) if len(kept) > 1 else 1.0
-    targets = [c["class"] for c in kept if c["mask_l1"] * sc["threshold"] <= kept[-1]["mask_l1"]]
+    norms = {c["class"]: c["mask_l1"] for c in sc["per_class"]}
+    score, targets, _ = judge(norms, [c["class"] for c in sc["per_class"] if c["kept"]], sc["threshold"])
     return {**record, "scan": {**sc, "score": score, "target_classes": targets, "backdoored": bool(targets)}}
 
 

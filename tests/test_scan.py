@@ -334,3 +334,23 @@ def test_unlearn_reports_a_class_the_scan_left_out_as_the_models_bias(scans):
     assert not rep["scan_before"]["backdoored"] and rep["reversed_classes"] == []
     assert rep["scan_before"]["per_class"][3]["over_predicted"]
     assert any(w.startswith("scan before: class 3 is reached with a stamp") for w in rep["warnings"])
+
+
+def test_the_verdict_keeps_the_largest_mask_as_the_yardstick_and_leaves_out_only_over_predicted_candidates():
+    """judge() on norms like the zoo's PreAct Trojan SQ (kept 5: 9.6, 9: 18.6, over-predicted 6: 20.7): the
+    over-predicted class stays the yardstick, so the target is still flagged (2.16); leaving it out of the
+    yardstick too would have lost it (1.94). Its own small stamp (clean PreAct: 9 over-predicted) is left out."""
+    from ibau.scanning import judge, over_predicted
+
+    norms = {5: 9.6, 9: 18.6, 6: 20.7}
+    score, flagged, left = judge(norms, [5, 9, 6], 2.0, over=[6])
+    assert flagged == [5] and left == [] and score == pytest.approx(20.7 / 9.6)
+    assert judge(norms, [5, 9, 6], 2.0) == (pytest.approx(20.7 / 9.6), [5], [])
+    score, flagged, left = judge({9: 12.2, 3: 25.0, 4: 33.1}, [9, 3, 4], 2.0, over=[9])
+    assert flagged == [] and left == [9] and score == pytest.approx(33.1 / 25.0)
+    # every kept class over-predicted: nothing to judge
+    assert judge({1: 1.0, 2: 5.0}, [1, 2], 2.0, over=[1, 2]) == (1.0, [], [1])
+    # over-prediction needs both the ratio and an excess of 5% of the images: not a rare class by chance
+    assert over_predicted([0.24, 0.004, 0.10], [0.09, 0.002, 0.10], 2.0) == [0]
+    assert over_predicted([0.24, 0.004, 0.10], [0.09, 0.002, 0.10], None) == []
+    assert over_predicted([0.15], [0.09], 2.0) == []

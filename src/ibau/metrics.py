@@ -64,6 +64,8 @@ def clean_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 
 #: share of the way from always answering the most common label to perfect accuracy under which a model is
 #: said not to recognise the data (:func:`near_chance_warning`)
 NEAR_CHANCE = 0.1
+#: how :func:`near_chance_warning` begins (reports that collect warnings from several measurements keep one)
+NEAR_CHANCE_WARNING = "the model classifies only"
 
 
 def near_chance_warning(accuracy: float, y: Tensor) -> str | None:
@@ -80,7 +82,7 @@ def near_chance_warning(accuracy: float, y: Tensor) -> str | None:
     common = float(torch.bincount(y).max()) / len(y)
     if accuracy >= common + NEAR_CHANCE * (1 - common):
         return None
-    return (f"the model classifies only {accuracy:.1%} of the clean images correctly (always answering their most "
+    return (f"{NEAR_CHANCE_WARNING} {accuracy:.1%} of the clean images correctly (always answering their most "
             f"common label would give {common:.1%}): check that the images are prepared as the model expects "
             "(--normalize, channel order, size) and that the labels use the model's class order; scans and "
             "unlearning mean nothing on a model that does not recognise the data")

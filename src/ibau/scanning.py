@@ -18,8 +18,8 @@ longer search: ``score`` is the largest kept mask norm over the smallest, the mo
 flagged when it exceeds ``threshold``, and the flagged classes (``target_classes``) are the
 kept ones whose mask is at least ``threshold`` times smaller than the largest kept one. A class
 the model answers on clean images at least ``max_over_prediction`` (2) times as often as it is
-their label is left out of both: a biased model reaches such a class with a small stamp for that
-reason alone, while a backdoor leaves clean predictions alone.
+their label is never flagged nor the score's smallest mask: a biased model reaches such a class
+with a small stamp for that reason alone, while a backdoor leaves clean predictions alone.
 (Neural Cleanse's anomaly index over all classes would single out the classes searched
 longer: measured on clean digits models, it flagged the three kept classes; it is reported
 per class, computed on the norms every class reached with the same budget.)
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,7 @@ from .models.fuse import fold_batchnorm
 from .precision import PRECISIONS, arithmetic as _arithmetic, with_precision
 from .perturbation import check_normalize
 
-__all__ = ["scan", "MaskScan", "ScanResult", "SCANNERS", "verdict"]
+__all__ = ["scan", "MaskScan", "ScanResult", "SCANNERS", "verdict", "judge", "over_predicted"]
 
 
 @dataclass
@@ -64,7 +65,7 @@ class ScanResult:
     labels on the clean images, ``over_predicted``...); ``triggers``: class -> ``{"mask":
     (1, H, W), "pattern": (C, H, W)}`` for the suspected classes (all classes with
     ``keep_all_triggers``); ``seconds``; ``config``: the scanner's settings; ``clean_accuracy``:
-    the model's accuracy on the images the stamps were tried on (``None`` when none were);
+    the model's accuracy on the clean images its class shares were measured on (``CLEAN_IMAGES``);
     ``warnings``: e.g. that the model does not recognise the clean images, when the verdict means
     nothing.
     """
@@ -108,11 +109,35 @@ OVER_PREDICTED_EXCESS = 0.05
 def over_predicted_warning(k: int, predicted: float, labelled: float, ratio: float) -> str:
     """The warning for a class ``k`` whose stamp was small enough to flag but which the model
     over-predicts on clean images (``max_over_prediction``), so it is not flagged."""
-    return (f"class {k} is reached with a stamp {ratio:.1f}x smaller than the other searched classes, but it is the "
+    return (f"class {k} is reached with a stamp {ratio:.1f}x smaller than the largest of the classes searched longest, but it is the "
             f"model's answer for {predicted:.0%} of the clean images and the label of only {labelled:.0%}: a model "
             "that over-predicts a class reaches it with a small stamp for that reason alone, so it is not flagged "
             "(a backdoor leaves clean predictions alone); look at its reversed trigger (--report-dir) if the model's "
             "bias itself is suspicious")
+
+
+def over_predicted(predicted: Sequence[float], labelled: Sequence[float], max_over_prediction: float | None) -> list[int]:
+    """The classes the model answers at least ``max_over_prediction`` times as often as they are the label,
+    and for at least :data:`OVER_PREDICTED_EXCESS` more of the images (shares of the clean images); none
+    when ``max_over_prediction`` is ``None``."""
+    if max_over_prediction is None:
+        return []
+    return [k for k, (p, q) in enumerate(zip(predicted, labelled))
+            if p >= max_over_prediction * q and p - q >= OVER_PREDICTED_EXCESS]
+
+
+def judge(norms: Sequence[float], kept: Sequence[int], threshold: float,
+          over: Sequence[int] = ()) -> tuple[float, list[int], list[int]]:
+    """:class:`MaskScan`'s verdict on the mask norms of the ``kept`` classes: ``(score, flagged classes,
+    left-out classes)``. The yardstick is the largest kept mask; the score is it over the smallest kept
+    mask of a class not in ``over``; a class not in ``over`` whose mask is at least ``threshold`` times
+    smaller than the yardstick is flagged; one in ``over`` that would have been is left out."""
+    ranked = sorted(kept, key=lambda k: norms[k])
+    judged = [k for k in ranked if k not in over]
+    yardstick = norms[ranked[-1]] if ranked else 0.0
+    score = yardstick / max(norms[judged[0]], 1e-12) if len(ranked) > 1 and judged else 1.0
+    small = [k for k in ranked if norms[k] * threshold <= yardstick]
+    return score, [k for k in small if k not in over], [k for k in small if k in over]
 
 
 class _Shifted(nn.Module):
@@ -251,8 +276,8 @@ class MaskScan:
                  explore_images: int = 240,
                  lr: float = 0.1, init_cost: float = 1e-3, cost_multiplier: float = 1.5, patience: int = 10,
                  success: float = 0.9, threshold: float = 2.0, mask_tv: float = 0.0, success_images: int = 500,
-                 max_over_prediction: float | None = 2.0, prior_correction: bool = False, normalize: tuple | None = None, seed: int = 0, precision: str = "auto",
-                 progress: bool = True):
+                 max_over_prediction: float | None = 2.0, prior_correction: bool = False,
+                 normalize: tuple | None = None, seed: int = 0, precision: str = "auto", progress: bool = True):
         self.steps = check_int("steps", steps, low=3)
         explore_steps = steps // 3 if explore_steps is None else explore_steps
         self.explore_steps = check_int("explore_steps", explore_steps, low=1, high=self.steps - 1)
@@ -317,16 +342,11 @@ class MaskScan:
         index = mad_anomaly_index(torch.tensor(explored, dtype=torch.float64)).tolist()
         # the verdict compares the classes that had the same, longer search: the largest kept norm over the smallest
         # classes the model answers far more often than they are labelled are its bias, not a backdoor's target
-        over = [k for k in range(num_classes) if self.max_over_prediction is not None
-                and clean["predicted"][k] >= self.max_over_prediction * clean["labelled"][k]
-                and clean["predicted"][k] - clean["labelled"][k] >= OVER_PREDICTED_EXCESS]
-        ranked = sorted(kept, key=lambda k: norms[k])
+        over = over_predicted(clean["predicted"], clean["labelled"], self.max_over_prediction)
         # the yardstick is still the largest kept mask (an over-predicted class among the kept ones is a natural
         # change too); only the candidates leave out the over-predicted classes
-        judged = [k for k in ranked if k not in over]
-        score = norms[ranked[-1]] / max(norms[judged[0]], 1e-12) if len(ranked) > 1 and judged else 1.0
-        targets = [k for k in judged if norms[k] * self.threshold <= norms[ranked[-1]]]
-        left_out = [k for k in ranked if k in over and norms[k] * self.threshold <= norms[ranked[-1]]]
+        score, targets, left_out = judge(norms, kept, self.threshold, over)
+        ranked = sorted(kept, key=lambda k: norms[k])
         per_class = [{"class": k, "mask_l1": norms[k], "reached": reached[k], "success": rates[k],
                       "explore_l1": explored[k], "anomaly_index": index[k], "kept": k in kept,
                       "predicted_share": clean["predicted"][k], "label_share": clean["labelled"][k],

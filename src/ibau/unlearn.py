@@ -34,7 +34,7 @@ from .defenses.ibau import IBAU, RECIPES
 from .errors import InputError, check_choice, check_int, check_number
 from .jobs.runner import (REPORT_SCHEMA_VERSION, JobResult, base_report, holdout_accuracy, run_measured,
                           split_holdout)
-from .metrics import model_device, predict
+from .metrics import NEAR_CHANCE_WARNING, model_device, predict
 from .precision import arithmetic, with_precision
 from .robustness import universal_attack
 
@@ -273,7 +273,7 @@ def unlearn(
     warnings = list(outcome["warnings"])
     for when, found in scans.items():  # the scans' own warnings, but the near-chance one the report gives already
         warnings += [f"{when.replace('_', ' ')}: {w}" for w in found.get("warnings", [])
-                     if not w.startswith("the model classifies only")]
+                     if not w.startswith(NEAR_CHANCE_WARNING)]
     if rob_after["success_rate"] >= threshold:
         warnings.append(f"a universal perturbation within the bound still changes {rob_after['success_rate']:.1%} of "
                         "correct held-out predictions; at large bounds this holds for clean models too, so compare "
